@@ -1,0 +1,66 @@
+"""Greedy completion and next-token inspection, batched over prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kedit_core.models.loader import LoadedModel
+
+
+def encode_batch(lm: LoadedModel, prompts: Sequence[str], *, padding_side: str = "left"):
+    """Tokenise prompts (with the tokenizer's own special tokens, e.g. Gemma's BOS) into one
+    padded batch on the model's device."""
+    tok = lm.tokenizer
+    old = tok.padding_side
+    tok.padding_side = padding_side
+    try:
+        enc = tok(list(prompts), return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = old
+    return {k: v.to(lm.device) for k, v in enc.items()}
+
+
+@torch.no_grad()
+def greedy(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 10) -> list[str]:
+    """Greedy continuations (without the prompt) of each prompt."""
+    enc = encode_batch(lm, prompts)
+    tok = lm.tokenizer
+    out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    new = out[:, enc["input_ids"].shape[1]:]
+    return tok.batch_decode(new, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def next_token_logprobs(lm: LoadedModel, prompts: Sequence[str]) -> torch.Tensor:
+    """(batch, vocab) log-probabilities of the token after each prompt."""
+    enc = encode_batch(lm, prompts)
+    logits = lm.model(**enc).logits[:, -1, :].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def top_next_tokens(lm: LoadedModel, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+    """The k most likely next tokens after `prompt`, with their probabilities."""
+    lp = next_token_logprobs(lm, [prompt])[0]
+    vals, idx = lp.topk(k)
+    return [(lm.tokenizer.decode([int(i)]), float(v.exp())) for v, i in zip(vals, idx)]
+
+
+def answer_token_ids(lm: LoadedModel, answer: str) -> list[int]:
+    """Token ids of an answer as it follows a prompt (with its leading space)."""
+    text = answer if answer.startswith(" ") else " " + answer
+    return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def first_token_ranks(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str],
+                      batch_size: int = 32) -> list[int]:
+    """Rank (0 = most likely) of each answer's first token after its prompt."""
+    ranks = []
+    for s in range(0, len(prompts), batch_size):
+        lp = next_token_logprobs(lm, prompts[s:s + batch_size])
+        for row, ans in zip(lp, answers[s:s + batch_size]):
+            first = answer_token_ids(lm, ans)[0]
+            ranks.append(int((row > row[first]).sum()))
+    return ranks

@@ -1,0 +1,87 @@
+"""The value types shared by every part of kedit. All are frozen: a request, once read and
+validated, cannot change under a running edit stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class LabeledPrompt:
+    """A prompt with the answer it should be completed with (and accepted aliases)."""
+
+    prompt: str
+    answer: str
+    aliases: tuple[str, ...] = ()
+
+    def answers(self) -> tuple[str, ...]:
+        return (self.answer, *self.aliases)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditRequest:
+    """One fact to write into the model: `prompt.format(subject)` should be completed by
+    `target_new` (it was `target_true`, if known).
+
+    The evaluation material travels with the request so that any metric can be computed
+    over any set of past requests (retention over a whole stream, not only the last batch).
+    """
+
+    case_id: str
+    subject: str
+    prompt: str                      # template with exactly one "{}" for the subject
+    target_new: str
+    target_true: str | None = None
+    relation_id: str | None = None
+    paraphrase_prompts: tuple[str, ...] = ()
+    # Prompts about OTHER subjects whose answer must not change (with that answer).
+    neighborhood: tuple[LabeledPrompt, ...] = ()
+    # CounterFact attribute prompts: other subjects that truly have target_new.
+    attribute_prompts: tuple[str, ...] = ()
+    generation_prompts: tuple[str, ...] = ()
+    # Questions whose answer follows from the edit (one-hop, multi-hop, aliasing...).
+    portability: tuple[LabeledPrompt, ...] = ()
+    # Long-form target (EditEverything / UnKE / AnyEdit); target_new is then its text too.
+    long_target: str | None = None
+    # Further named probe sets a benchmark defines (EVOKE prefix distraction, relation
+    # specificity, ...): (name, prompts with their expected answers).
+    probes: tuple[tuple[str, tuple[LabeledPrompt, ...]], ...] = ()
+    source: str = ""                 # "file#index", for error messages and provenance
+
+    @property
+    def text(self) -> str:
+        """The rewrite prompt with the subject filled in."""
+        return self.prompt.replace("{}", self.subject)
+
+    def with_(self, **changes) -> "EditRequest":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditCase:
+    """A benchmark case: one or more requests applied together, plus questions that only
+    the combination answers (MQuAKE multi-hop). For single-fact formats, one request and
+    no multi-hop questions."""
+
+    case_id: str
+    requests: tuple[EditRequest, ...]
+    multi_hop_questions: tuple[str, ...] = ()
+    answer: LabeledPrompt | None = None       # before the edits (prompt = first question)
+    new_answer: LabeledPrompt | None = None   # after the edits
+    single_hops: tuple[LabeledPrompt, ...] = ()
+    new_single_hops: tuple[LabeledPrompt, ...] = ()
+
+
+@dataclass(frozen=True)
+class EditDataset:
+    """What a reader returns: the format it recognised, the cases, and problems found."""
+
+    path: str
+    format: str
+    cases: tuple[EditCase, ...]
+    records: int
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def requests(self) -> list[EditRequest]:
+        return [r for c in self.cases for r in c.requests]

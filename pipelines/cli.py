@@ -1,0 +1,57 @@
+"""The `kedit` command line. Each subcommand is one module in `pipelines.commands` with
+`add_parser(subparsers)` and `run(args) -> int`; this file only dispatches and turns errors
+into exit codes: 0 ok, 2 bad input (one line naming file, record and field), 1 internal."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+COMMANDS = ["models", "data", "generate", "quickstart"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kedit_core import __version__
+
+    p = argparse.ArgumentParser(prog="kedit", description="Knowledge editing for language models.")
+    p.add_argument("--version", action="version", version=f"kedit {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages and tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"pipelines.commands.{name}").add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kedit_core.errors import BadInputError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "transformers", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.func(args) or 0)
+    except BadInputError as e:
+        if args.verbose:
+            logging.exception("bad input")
+        print(f"kedit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kedit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
+        logging.getLogger("kedit").debug("internal error", exc_info=True)
+        msg = " ".join(str(e).split())[:300]
+        print(f"kedit: internal error: {type(e).__name__}: {msg} (run with -v for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
