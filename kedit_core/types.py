@@ -4,6 +4,10 @@ validated, cannot change under a running edit stream."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -85,3 +89,46 @@ class EditDataset:
     @property
     def requests(self) -> list[EditRequest]:
         return [r for c in self.cases for r in c.requests]
+
+
+@dataclass(frozen=True)
+class StatKey:
+    """Which second moment a method needs: E[k k^T] of the INPUT of a site (the MLP output
+    projection, so k has the MLP width)."""
+
+    site: str                        # e.g. "blocks.5.mlp.out"
+
+    @property
+    def layer(self) -> int:
+        return int(self.site.split(".")[1])
+
+
+@dataclass(frozen=True)
+class WeightDelta:
+    """A change to one projection weight, in (out, in) orientation: delta = left @ right.T
+    when factored (left (out, r), right (in, r)), else `dense` (out, in)."""
+
+    site: str
+    left: "torch.Tensor | None" = None
+    right: "torch.Tensor | None" = None
+    dense: "torch.Tensor | None" = None
+
+    def matrix(self) -> "torch.Tensor":
+        if self.dense is not None:
+            return self.dense
+        return self.left @ self.right.T
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if self.dense is not None:
+            return tuple(self.dense.shape)
+        return (self.left.shape[0], self.right.shape[0])
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """What a method computes for a batch of requests: deltas to apply (or an artifact
+    that wraps the model, for methods that change no weights) and diagnostics."""
+
+    deltas: tuple[WeightDelta, ...]
+    info: dict = field(default_factory=dict)

@@ -1,0 +1,124 @@
+"""The Python API: load a model, prepare a method (statistics from the store), edit in
+sequential batches, evaluate, save, revert.
+
+    from kedit_core import Editor, load_requests
+    ed = Editor(model="smollm2-135m", method="alphaedit")
+    ed.edit(load_requests()[:100], batch_size=10)
+    ed.evaluate(load_requests()[:100])
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from kedit_core.apply import DeltaApplier, save_deltas
+from kedit_core.evaluate import baseline_predictions, evaluate_requests, heldout_texts, perplexity
+from kedit_core.methods import get_method, make_config
+from kedit_core.models import LoadedModel, load
+from kedit_core.stats import StatsStore, StatsView, open_corpus
+from kedit_core.types import EditRequest
+
+log = logging.getLogger(__name__)
+
+
+class Editor:
+    def __init__(self, model: str | LoadedModel = "smollm2-135m", method: str = "alphaedit",
+                 stats_corpus: str | None = None, *, device: str = "auto", dtype: str = "fp32",
+                 stats_dir: str | None = None, show_progress: bool = True, **overrides):
+        self.lm = model if isinstance(model, LoadedModel) else load(model, dtype=dtype, device=device)
+        self.method = get_method(method)
+        self.cfg = make_config(self.method.config_cls, self.lm, overrides)
+        self.corpus = open_corpus(stats_corpus)
+        self.store = StatsStore(stats_dir)
+        sites = [k.site for k in self.method.required_stats(self.cfg, self.lm)]
+        kw = dict(n_samples=self.cfg.mom2_n_samples, max_length=self.cfg.mom2_max_length)
+        moments = self.store.get_or_compute(self.lm, sites, self.corpus, show_progress=show_progress, **kw)
+        specs = self.store.specs(self.lm, sites, self.corpus, **kw)
+        self.stats = StatsView(moments, self.store, specs)
+        self.state = self.method.prepare(self.lm, self.cfg, self.stats)
+        self._initial_state = self.state
+        self.applier = DeltaApplier(self.lm)
+        self.history: list[dict] = []
+        self._baseline: dict | None = None
+        self.show_progress = show_progress
+
+    @property
+    def n_edits(self) -> int:
+        return sum(h["n"] for h in self.history)
+
+    def edit(self, requests: Sequence[EditRequest], batch_size: int = 10) -> list[dict]:
+        """Apply `requests` in sequential batches; returns one record per batch."""
+        from tqdm.auto import tqdm
+
+        if self._baseline is None:  # unedited predictions, for locality later
+            self._baseline = {}
+        out = []
+        batches = [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
+        for batch in tqdm(batches, desc=f"{self.method.name} batches", disable=not self.show_progress):
+            with torch.no_grad():
+                self._baseline.update(baseline_predictions_unedited(self, batch))
+            t0 = time.perf_counter()
+            result, self.state = self.method.compute(self.lm, batch, self.state)
+            self.applier.apply(result.deltas)
+            dt = time.perf_counter() - t0
+            rec = {"n": len(batch), "seconds": dt, "seconds_per_edit": dt / len(batch),
+                   "delta_norms": {d.site: float(d.matrix().norm()) for d in result.deltas},
+                   "z_loss_mean": float(sum(result.info.get("z_loss", [0])) / max(len(batch), 1))}
+            self.history.append(rec)
+            out.append(rec)
+            log.info("batch of %d edited in %.1fs (%.2f s/edit); %d edits so far", len(batch), dt,
+                     dt / len(batch), self.n_edits)
+        return out
+
+    def evaluate(self, requests: Sequence[EditRequest], *, fluency: bool = False,
+                 perplexity_texts: int | None = 0) -> dict[str, float]:
+        """Metrics over `requests` on the current (edited) model; `perplexity_texts` > 0 adds
+        WikiText-style perplexity on held-out texts of the statistics corpus."""
+        m = evaluate_requests(self.lm, requests, baseline=self._baseline or None, fluency=fluency)
+        if perplexity_texts:
+            m["perplexity"] = perplexity(self.lm, heldout_texts(self.corpus, self.cfg.mom2_n_samples),
+                                         n_texts=perplexity_texts)
+        return m
+
+    def save(self, directory: str | Path, *, export_model: bool = True) -> Path:
+        """deltas.safetensors + config.json (cumulative deltas), and the edited model in HF
+        format under model/."""
+        directory = Path(directory)
+        cfg = {"model": self.lm.name, "model_hash": self.lm.fingerprint(), "method": self.method.name,
+               "config": self.cfg.to_dict(), "n_edits": self.n_edits, "corpus": self.corpus.id}
+        save_deltas(directory, self.applier.cumulative(), cfg)
+        if export_model:
+            self.lm.model.save_pretrained(directory / "model", safe_serialization=True)
+            self.lm.tokenizer.save_pretrained(directory / "model")
+        return directory
+
+    def revert(self) -> None:
+        """Restore the original weights bit-exactly and forget the sequential state."""
+        self.applier.revert()
+        self.state = self._initial_state
+        self.history.clear()
+
+
+def baseline_predictions_unedited(ed: Editor, batch: Sequence[EditRequest]) -> dict:
+    """Greedy neighbourhood predictions with every edit so far reverted (the unedited model)."""
+    from kedit_core.apply import temporarily_applied
+
+    if not ed.applier.originals:
+        return baseline_predictions(ed.lm, batch)
+    # Swap the original weights in, predict, swap the edited ones back.
+    arch, model = ed.lm.arch, ed.lm.model
+    edited = {s: arch.weight(model, s).detach().clone() for s in ed.applier.originals}
+    try:
+        with torch.no_grad():
+            for s, w in ed.applier.originals.items():
+                arch.weight(model, s).copy_(w)
+        return baseline_predictions(ed.lm, batch)
+    finally:
+        with torch.no_grad():
+            for s, w in edited.items():
+                arch.weight(model, s).copy_(w)

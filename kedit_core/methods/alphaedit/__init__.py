@@ -1,0 +1,3 @@
+from kedit_core.methods.alphaedit.method import AlphaEdit, AlphaEditConfig
+
+__all__ = ["AlphaEdit", "AlphaEditConfig"]

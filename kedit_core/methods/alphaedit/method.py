@@ -1,0 +1,89 @@
+"""AlphaEdit (Fang et al., "AlphaEdit: Null-Space Constrained Knowledge Editing", arXiv
+2410.02355).
+
+P_l projects onto the null space of the preserved keys: the eigenvectors of C_l = E[k k^T]
+with eigenvalue below `nullspace_threshold` (reference: 2e-2). Each batch solves (eq. 14)
+
+    delta_l = R K^T P (K_p K_p^T P + K K^T P + L2 I)^{-1}
+
+i.e. delta^T = (P (K K^T + K_p K_p^T) + L2 I)^{-1} P K R^T, where K_p K_p^T accumulates the
+keys of all earlier batches (the sequential state). Any solution lies in the range of P, so
+delta K_0 ~= 0 for the preserved keys K_0 (tested).
+
+Deviations from the reference code (jianghoucheng/AlphaEdit):
+* batched target optimisation and keys (see kedit_core.zopt and MEMIT's docstring);
+* the projector comes from `eigh` of the symmetric moment instead of `svd` (same subspace);
+  it is cached in the statistics store beside its moment;
+* the solve is float64 (the reference solves in float32 on the GPU);
+* the accumulated K_p K_p^T is float64 and is part of the state, saved with checkpoints.
+As in the reference, the keys added to K_p K_p^T are recomputed after the batch's update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kedit_core.linalg import solve
+from kedit_core.methods.base import EditConfig, hp, register
+from kedit_core.methods.common import keys_after, spread_over_layers
+from kedit_core.types import EditResult, StatKey
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlphaEditConfig(EditConfig):
+    nullspace_threshold: float = hp(2e-2, "eigenvalues of E[kk^T] below this span the null space")
+    L2: float = hp(10.0, "ridge term of AlphaEdit eq. 14 (Llama-3-8B: 10)")
+
+    ARCH_DEFAULTS: ClassVar = {
+        # Llama-3-8B (hparams/AlphaEdit/Llama3-8B.json).
+        ("llama", 32, 4096): dict(layers=(4, 5, 6, 7, 8), v_num_grad_steps=25, v_lr=0.1,
+                                  clamp_norm_factor=0.75, L2=10.0, nullspace_threshold=2e-2),
+        # GPT-J-6B (hparams/AlphaEdit/EleutherAI_gpt-j-6B.json).
+        ("gptj", 28, 4096): dict(layers=(3, 4, 5, 6, 7, 8), v_num_grad_steps=25, v_lr=0.5,
+                                 clamp_norm_factor=0.75, L2=1.0),
+        # GPT-2 XL (hparams/AlphaEdit/gpt2-xl.json).
+        ("gpt2", 48, 1600): dict(layers=(13, 14, 15, 16, 17), v_num_grad_steps=20, L2=10.0),
+        # SmolLM2-135M: chosen by measurement here (benchmarks/results/hparams_smollm2.md).
+        ("llama", 30, 576): dict(layers=(4, 5, 6, 7, 8), v_num_grad_steps=25, v_lr=0.5,
+                                 clamp_norm_factor=0.75, mom2_n_samples=2000, L2=10.0),
+    }
+
+
+@register
+class AlphaEdit:
+    name: ClassVar[str] = "alphaedit"
+    config_cls: ClassVar = AlphaEditConfig
+
+    def required_stats(self, cfg: AlphaEditConfig, lm) -> list[StatKey]:
+        return [StatKey(lm.arch.mlp_out_site(l)) for l in cfg.layers]
+
+    def prepare(self, lm, cfg: AlphaEditConfig, stats) -> dict:
+        P = {l: stats.projector(lm.arch.mlp_out_site(l), cfg.nullspace_threshold) for l in cfg.layers}
+        d = {l: P[l].shape[0] for l in cfg.layers}
+        return {"cfg": cfg, "P": P, "KpKp": {l: torch.zeros(d[l], d[l], dtype=torch.float64) for l in cfg.layers}}
+
+    def compute(self, lm, requests, state):
+        cfg: AlphaEditConfig = state["cfg"]
+        P, KpKp = state["P"], state["KpKp"]
+
+        def solve_layer(i, layer, K, R):
+            p = P[layer].double()
+            A = p @ (K @ K.T + KpKp[layer]) + cfg.L2 * torch.eye(p.shape[0], dtype=torch.float64)
+            X = solve(A, p @ K @ R.T)       # (d, H), in the range of P
+            return X.T
+
+        deltas, z, info = spread_over_layers(lm, requests, cfg, solve_layer)
+        new_keys = keys_after(lm, requests, cfg.layers, deltas)
+        new_state = dict(state, KpKp={l: KpKp[l] + new_keys[l] @ new_keys[l].T for l in cfg.layers})
+        return EditResult(tuple(deltas), info), new_state
+
+    @staticmethod
+    def state_tensors(state) -> dict[str, torch.Tensor]:
+        return {f"KpKp.{l}": t for l, t in state["KpKp"].items()}
+
+    @staticmethod
+    def load_state_tensors(state, tensors: dict[str, torch.Tensor]) -> dict:
+        return dict(state, KpKp={l: tensors[f"KpKp.{l}"] for l in state["KpKp"]})

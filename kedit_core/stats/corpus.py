@@ -1,0 +1,98 @@
+"""Text corpora for second-moment statistics and perplexity: text files (one paragraph per
+non-empty line; WikiText headings skipped), JSONL / JSON / parquet files with a text column,
+or a `datasets` dataset ("hf:NAME[:CONFIG]:SPLIT"). Each corpus has an id and a content
+hash, recorded with every statistic computed from it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from kedit_core.errors import BadInputError
+
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext" / "wiki.test.raw"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    id: str                   # what the user gave
+    files: tuple[Path, ...]
+    text_column: str = "text"
+    hf: tuple[str, str | None, str] | None = None
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        if self.hf:
+            h.update(json.dumps(self.hf).encode())
+            return h.hexdigest()
+        for f in self.files:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        h.update(self.text_column.encode())
+        return h.hexdigest()
+
+    def texts(self) -> Iterator[str]:
+        if self.hf:
+            import datasets
+
+            name, config, split = self.hf
+            ds = datasets.load_dataset(name, config, split=split)
+            for row in ds:
+                t = row.get(self.text_column)
+                if isinstance(t, str) and t.strip():
+                    yield t.strip()
+            return
+        for f in self.files:
+            yield from _file_texts(f, self.text_column)
+
+
+def _file_texts(f: Path, column: str) -> Iterator[str]:
+    if f.suffix in (".jsonl", ".json", ".parquet"):
+        from kedit_core.data.readers import read_records
+
+        for i, rec in enumerate(read_records(f)):
+            t = rec.get(column) if isinstance(rec, dict) else None
+            if not isinstance(t, str):
+                raise BadInputError(f"no text column {column!r}", file=str(f), record=i, field=column)
+            if t.strip():
+                yield t.strip()
+        return
+    with open(f, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            s = line.strip()
+            if s and not (s.startswith("=") and s.endswith("=")):
+                yield s
+
+
+def open_corpus(spec: str | Path | None, *, text_column: str = "text") -> Corpus:
+    """A corpus from a path (file or directory), a list of paths joined by ",", or
+    "hf:NAME[:CONFIG]:SPLIT". None means the default test corpus (WikiText-2 test)."""
+    if spec is None:
+        if not DEFAULT_CORPUS.is_file():
+            raise BadInputError("no statistics corpus given and the default "
+                                f"({DEFAULT_CORPUS}) is absent; pass a text file", field="stats_corpus")
+        return Corpus("wikitext-2-test", (DEFAULT_CORPUS,), text_column)
+    spec = str(spec)
+    if spec.startswith("hf:"):
+        parts = spec[3:].split(":")
+        if len(parts) not in (2, 3):
+            raise BadInputError(f"expected hf:NAME[:CONFIG]:SPLIT, got {spec!r}", field="stats_corpus")
+        name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+        return Corpus(spec, (), text_column, (name, config, split))
+    files: list[Path] = []
+    for part in spec.split(","):
+        p = Path(part).expanduser()
+        if p.is_dir():
+            files += sorted(x for x in p.rglob("*") if x.is_file() and x.suffix in
+                            (".txt", ".raw", ".jsonl", ".json", ".parquet"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise BadInputError("no such corpus file or directory", file=part, field="stats_corpus")
+    if not files:
+        raise BadInputError("the corpus holds no text files", file=spec, field="stats_corpus")
+    return Corpus(spec, tuple(files), text_column)

@@ -1,0 +1,132 @@
+"""Mergeable uncentered second moments E[k k^T], collected for many layers in ONE pass.
+
+The reference `layer_stats` (ROME/MEMIT) runs one truncated forward pass per layer; here one
+pass hooks the input of every requested MLP output projection and stops after the deepest
+one, so the cost is that of the deepest layer alone. Each batch's k^T k is formed in the
+activation dtype (float32) and added to a float64 accumulator with the token count, so a
+partial result (sum, count) merges with another exactly up to float64 rounding: shards
+can be computed anywhere (Ray actors) and combined.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kedit_core.hooks import run_until_stopped, trace
+from kedit_core.models.loader import LoadedModel
+
+
+@dataclass
+class SecondMoment:
+    """sum of k k^T (float64, d x d) over `count` tokens."""
+
+    sum: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, d: int) -> "SecondMoment":
+        return cls(torch.zeros(d, d, dtype=torch.float64), 0)
+
+    def update(self, k: torch.Tensor) -> None:
+        """Add the rows of k (n, d)."""
+        if k.shape[0] == 0:
+            return
+        k = k.detach()
+        kk = k.T @ k if k.dtype in (torch.float32, torch.float64) else k.float().T @ k.float()
+        self.sum += kk.to(device=self.sum.device, dtype=torch.float64)
+        self.count += int(k.shape[0])
+
+    def merge(self, other: "SecondMoment") -> "SecondMoment":
+        if self.sum.shape != other.sum.shape:
+            raise ValueError(f"cannot merge moments of shapes {tuple(self.sum.shape)} and {tuple(other.sum.shape)}")
+        return SecondMoment(self.sum + other.sum.to(self.sum.device), self.count + other.count)
+
+    def mean(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no tokens were accumulated")
+        return self.sum / self.count
+
+
+def merge_all(parts: Iterable[dict[str, SecondMoment]]) -> dict[str, SecondMoment]:
+    out: dict[str, SecondMoment] = {}
+    for part in parts:
+        for site, m in part.items():
+            out[site] = m if site not in out else out[site].merge(m)
+    return out
+
+
+def batches_by_tokens(token_lists: Sequence[list[int]], max_tokens: int) -> Iterable[list[int]]:
+    """Indices of sequences grouped so that batch_size * longest <= max_tokens (sorted by
+    length to waste little padding)."""
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    batch: list[int] = []
+    longest = 0
+    for i in order:
+        n = len(token_lists[i])
+        if batch and max(longest, n) * (len(batch) + 1) > max_tokens:
+            yield batch
+            batch, longest = [], 0
+        batch.append(i)
+        longest = max(longest, n)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def collect_second_moments(lm: LoadedModel, sites: Sequence[str], token_lists: Sequence[list[int]],
+                           *, batch_tokens: int = 4096,
+                           progress: Callable[[int, int], None] | None = None
+                           ) -> dict[str, SecondMoment]:
+    """E[k k^T] of the input of each site (an MLP output projection), over the tokens of
+    `token_lists` (already tokenised and truncated), in one forward pass per batch that
+    stops after the deepest site. Padding tokens never count.
+
+    `progress(n_tokens, n_sequences)` is called after each batch."""
+    model, arch = lm.model, lm.arch
+    modules = {s: arch.module(model, s) for s in sites}
+    deepest = max(sites, key=lambda s: int(s.split(".")[1]))
+    moments = {s: SecondMoment.zeros(arch.dims(model, s)[1]) for s in sites}
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    mask_ref: dict[str, torch.Tensor] = {}
+
+    def on_input(site: str, x: torch.Tensor) -> None:
+        keep = mask_ref["mask"]
+        moments[site].update(x[keep].float() if x.dtype != torch.float32 else x[keep])
+
+    with trace(modules, inputs=True, outputs=False, stop_after=deepest, on_input=on_input):
+        for idx in batches_by_tokens(token_lists, batch_tokens):
+            seqs = [token_lists[i] for i in idx]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+                mask[r, : len(s)] = 1
+            mask_ref["mask"] = mask.bool().to(lm.device)
+            run_until_stopped(lambda: model(input_ids=ids.to(lm.device),
+                                            attention_mask=mask.to(lm.device), use_cache=False))
+            if progress:
+                progress(int(mask.sum()), len(seqs))
+    return moments
+
+
+def tokenize_corpus(lm: LoadedModel, texts: Iterable[str], *, max_length: int = 128,
+                    n_samples: int | None = None) -> list[list[int]]:
+    """Token ids of up to `n_samples` texts, each truncated to `max_length` tokens."""
+    out = []
+    tok = lm.tokenizer
+    for text in texts:
+        if n_samples is not None and len(out) >= n_samples:
+            break
+        ids = tok(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+        if len(ids) >= 2:
+            out.append(ids)
+    return out
+
+
+def throughput(n_tokens: int, t0: float) -> float:
+    return n_tokens / max(time.perf_counter() - t0, 1e-9)

@@ -1,0 +1,423 @@
+"""The one target-vector optimisation and key computation shared by ROME, MEMIT, AlphaEdit.
+
+For each request the reference code (kmeng01/rome `compute_v`, kmeng01/memit `compute_z`)
+optimises a vector delta added to a hidden state at the last subject token, so that the
+model predicts the new target after every context-template prefix, with
+
+    loss_i = NLL(target_new | prefix_c + prompt_i)  averaged over prefixes c
+           + kl_factor * KL(p_orig || p_delta) on "{subject} is a" at the subject's last token
+           + weight_decay * ||delta_i|| / ||h_i||^2,
+
+Adam, stopping when loss_i < 5e-2, and after each step clamping ||delta_i|| <= clamp * ||h_i||
+(h_i: the unedited hidden state). The reference runs one request at a time. Here:
+
+* all requests of a batch are optimised together: their rows form one right-padded batch,
+  each request owns one row of the delta parameter; the losses are separable and Adam is
+  elementwise, so each request follows its own trajectory exactly as alone (tested);
+* a request that reaches the early-stop loss is frozen and leaves the batch, so the
+  remaining steps only pay for unfinished requests;
+* no position before the subject's last token depends on delta (attention is causal): those
+  prefixes run once into a KV cache per active set, and each step runs only the suffixes
+  (typically a third of the tokens). This is checked against a full forward pass once per
+  call and falls back to full passes if it ever differs;
+* the unembedding is applied only at the positions that carry a loss (target tokens and the
+  KL position), not at every position of every row.
+
+Context templates (MEMIT: "{}" plus five 10-token samples after "The", "Therefore",
+"Because", "I", "You") are generated once per model with a fixed seed and cached under
+$KEDIT_CACHE keyed by the model's weights hash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kedit_core.hooks import add_at_positions, run_until_stopped, trace
+from kedit_core.models.loader import LoadedModel, cache_dir
+from kedit_core.types import EditRequest
+
+log = logging.getLogger(__name__)
+
+CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
+
+
+@dataclass(frozen=True)
+class ZOptConfig:
+    layer: int                     # the block whose hidden state receives delta
+    where: str = "block"           # "block": residual output of the block (MEMIT, AlphaEdit);
+                                   # "mlp.out": output of its MLP projection (ROME)
+    steps: int = 25
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    early_stop_loss: float = 5e-2
+    kl_template: str = "{} is a"
+
+    def site(self) -> str:
+        return f"blocks.{self.layer}" + ("" if self.where == "block" else ".mlp.out")
+
+
+# ------------------------------------------------------------------ context templates
+def context_templates(lm: LoadedModel, *, n_per_seed: int = 1, length: int = 10,
+                      use_cache: bool = True) -> list[str]:
+    """["{}"] + sampled prefixes ending in ". {}" (MEMIT's get_context_templates)."""
+    path = cache_dir() / "context_templates" / f"{lm.fingerprint()[:24]}-{n_per_seed}x{length}.json"
+    if use_cache and path.is_file():
+        return json.loads(path.read_text())
+    tok = lm.tokenizer
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    out = ["{}"]
+    for seed_text in CONTEXT_SEEDS:
+        for _ in range(n_per_seed):
+            ids = tok(seed_text, return_tensors="pt")["input_ids"].to(lm.device)
+            with torch.no_grad():
+                for _ in range(length):
+                    logits = lm.model(input_ids=ids).logits[0, -1].float().cpu()
+                    top = logits.topk(5)  # MEMIT's generate_fast samples from the top 5
+                    probs = torch.softmax(top.values, -1)
+                    nxt = top.indices[torch.multinomial(probs, 1, generator=gen)]
+                    ids = torch.cat([ids, nxt.view(1, 1).to(ids.device)], dim=1)
+            text = tok.decode(ids[0], skip_special_tokens=True)
+            out.append(text.replace("{", " ").replace("}", " ") + ". {}")
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out))
+        tmp.replace(path)
+    return out
+
+
+# ------------------------------------------------------------------ tokenisation
+def subject_last_index(lm: LoadedModel, template: str, subject: str) -> tuple[list[int], int]:
+    """Token ids of template.replace("{}", subject) and the index of the subject's last
+    token (character offsets, so it is exact whatever the tokenizer merges)."""
+    start = template.index("{}")
+    text = template.replace("{}", subject, 1)
+    end = start + len(subject)
+    enc = lm.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    idx = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end]
+    if not idx:
+        raise ValueError(f"subject {subject!r} not found among the tokens of {text!r}")
+    return list(enc["input_ids"]), idx[-1]
+
+
+def target_ids(lm: LoadedModel, target: str) -> list[int]:
+    text = target if target.startswith(" ") else " " + target
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return list(ids)
+
+
+@dataclass
+class _Rows:
+    """The rows of a batch, split at the position that receives delta (the subject's last
+    token): the prefix before it does not depend on delta, so it runs once into a KV
+    cache; each step runs only the suffix. Per row: its owner request, and the (suffix
+    position, token) pairs that carry a loss; one KL row per request."""
+
+    seqs: list[list[int]]
+    owner: torch.Tensor            # (R,) index into the request list
+    lookup: list[int]              # position of delta in the full row
+    loss_rows: torch.Tensor        # (P,) row of each target token
+    loss_pos: torch.Tensor         # (P,) full-row position whose logits predict it
+    loss_tok: torch.Tensor         # (P,) the token
+    kl_rows: torch.Tensor          # (n,) the KL row of each request
+    kl_pos: torch.Tensor
+    n_ctx: int
+
+    def padded(self, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return _pad(self.seqs, pad, device)
+
+
+def _pad(seqs, pad, device, width=None):
+    width = width or max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _build_rows(lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str],
+                kl_template: str, owners: Sequence[int]) -> _Rows:
+    seqs, owner, lookup = [], [], []
+    lrow, lpos, ltok, krow, kpos = [], [], [], [], []
+    for o in owners:
+        r = requests[o]
+        tgt = target_ids(lm, r.target_new)
+        for c in templates:
+            ids, li = subject_last_index(lm, c.replace("{}", r.prompt, 1), r.subject)
+            row = len(seqs)
+            for j, t in enumerate(tgt):
+                lrow.append(row), lpos.append(len(ids) - 1 + j), ltok.append(t)
+            seqs.append(ids + tgt[:-1]), owner.append(o), lookup.append(li)
+    for o in owners:  # KL rows after all rewriting rows
+        ids, li = subject_last_index(lm, kl_template, requests[o].subject)
+        krow.append(len(seqs)), kpos.append(li)
+        seqs.append(ids), owner.append(o), lookup.append(li)
+    T = torch.tensor
+    return _Rows(seqs, T(owner), lookup, T(lrow), T(lpos), T(ltok).to(lm.device), T(krow), T(kpos),
+                 len(templates))
+
+
+class _Runner:
+    """Logits at selected (row, full-row position) pairs with delta added at each row's
+    lookup position. `mode="suffix"`: the prefixes run once into a KV cache and the suffixes
+    once through the blocks below the edited one; each call replays only blocks >= the
+    edited one on the suffixes (exact: attention is causal and those blocks' inputs do not
+    depend on delta); `mode="full"`: whole rows through the whole model every call."""
+
+    def __init__(self, lm: LoadedModel, rows: _Rows, site_mod: torch.nn.Module, layer: int,
+                 mode: str = "suffix"):
+        self.lm, self.rows, self.site_mod, self.mode, self.layer = lm, rows, site_mod, mode, layer
+        model = lm.model
+        self.base = getattr(model, model.base_model_prefix)
+        self.head = lm.arch.module(model, "unembed")
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        pad = lm.tokenizer.pad_token_id or 0
+        dev = lm.device
+        self.full_ids, self.full_mask = rows.padded(pad, dev)
+        if mode.startswith("suffix"):
+            pre = rows.lookup
+            P = max(pre)
+            self.P = P
+            self.pre_ids, self.pre_mask = _pad([s[:p] for s, p in zip(rows.seqs, pre)], pad, dev, width=max(P, 1))
+            self.suf_ids, self.suf_mask = _pad([s[p:] for s, p in zip(rows.seqs, pre)], pad, dev)
+            S = self.suf_ids.shape[1]
+            self.suf_pos = (torch.tensor(pre).view(-1, 1) + torch.arange(S).view(1, -1)).to(dev)
+            self.cache = None
+            if P > 0:
+                with torch.no_grad():
+                    out = self.base(input_ids=self.pre_ids, attention_mask=self.pre_mask, use_cache=True,
+                                    position_ids=torch.arange(P, device=dev).expand(len(pre), P))
+                self.cache = out.past_key_values
+        if mode == "suffix":
+            self._capture()
+
+    def _capture(self) -> None:
+        """One suffix pass with delta = 0 that records what every block >= the edited one
+        received, so later passes replay only those blocks."""
+        blocks = self.lm.model.get_submodule(self.lm.arch.blocks)
+        self.start = self.layer
+        self.replay_blocks = [blocks[i] for i in range(self.start, len(blocks))]
+        calls: dict[int, tuple] = {}
+        handles = [b.register_forward_pre_hook(
+            lambda m, a, k, j=j: calls.__setitem__(j, (a, dict(k))), with_kwargs=True)
+            for j, b in enumerate(self.replay_blocks)]
+        try:
+            with torch.no_grad():
+                self._base_suffix(cache := (copy.deepcopy(self.cache) if self.cache is not None else None))
+        finally:
+            for h in handles:
+                h.remove()
+        self.calls = [calls[j] for j in range(len(self.replay_blocks))]
+        self.captured_cache = cache
+        a0, k0 = self.calls[0]
+        self.h_in = (a0[0] if a0 else k0["hidden_states"]).detach()
+        self.norm = self.lm.arch.module(self.lm.model, "final_norm")
+
+    def _base_suffix(self, cache):
+        kw = dict(input_ids=self.suf_ids, position_ids=self.suf_pos)
+        if cache is not None:
+            kw.update(attention_mask=torch.cat([self.pre_mask, self.suf_mask], 1),
+                      past_key_values=cache, use_cache=True)
+        else:
+            kw.update(attention_mask=self.suf_mask, use_cache=False)
+        return self.base(**kw).last_hidden_state
+
+    def _replay(self) -> torch.Tensor:
+        fresh = copy.deepcopy(self.cache) if self.cache is not None else None
+        swap = (lambda v: fresh if (fresh is not None and v is self.captured_cache) else v)
+        h = self.h_in
+        for b, (a, k) in zip(self.replay_blocks, self.calls):
+            args = [swap(v) for v in a[1:]]
+            kwargs = {n: swap(v) for n, v in k.items()}
+            out = b(h, *args, **kwargs) if a else b(**{**kwargs, "hidden_states": h})
+            h = out[0] if isinstance(out, tuple) else out
+        return self.norm(h)
+
+    def _hidden(self, delta_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final (normed) hidden states, and the column offset of each row's position 0."""
+        hooks = (add_at_positions(self.site_mod, [[p if self.mode == "full" else 0] for p in self.rows.lookup],
+                                  delta_rows) if delta_rows is not None else contextlib.nullcontext())
+        with hooks:
+            if self.mode == "full":
+                h = self.base(input_ids=self.full_ids, attention_mask=self.full_mask, use_cache=False).last_hidden_state
+                return h, torch.zeros(len(self.rows.seqs), dtype=torch.long)
+            if self.mode == "suffix-noreplay":
+                cache = copy.deepcopy(self.cache) if self.cache is not None else None
+                return self._base_suffix(cache), torch.tensor(self.rows.lookup)
+            return self._replay(), torch.tensor(self.rows.lookup)
+
+    def logits_at(self, rows_idx: torch.Tensor, pos_idx: torch.Tensor, delta_rows=None) -> torch.Tensor:
+        h, offset = self._hidden(delta_rows)
+        cols = pos_idx - offset[rows_idx]
+        logits = self.head(h[rows_idx.to(h.device), cols.to(h.device)])
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def site_output_at_lookup(self) -> torch.Tensor:
+        """The unedited output of the delta site at each row's lookup position."""
+        with trace({"s": self.site_mod}) as t, torch.no_grad():
+            self._hidden(None)
+        out = t.outputs["s"]
+        cols = [0] * len(self.rows.lookup) if self.mode != "full" else self.rows.lookup
+        return torch.stack([out[i, c] for i, c in enumerate(cols)]).float()
+
+    def check(self) -> bool:
+        """The suffix runner's logits equal a full forward's at every loss position."""
+        rows = self.rows
+        r = torch.cat([rows.loss_rows, rows.kl_rows])
+        p = torch.cat([rows.loss_pos, rows.kl_pos])
+        with torch.no_grad():
+            got = self.logits_at(r, p).float()
+            full = self.lm.model(input_ids=self.full_ids, attention_mask=self.full_mask, use_cache=False).logits
+            want = full[r.to(full.device), p.to(full.device)].float()
+        return bool(torch.allclose(got, want, atol=1e-3, rtol=1e-3))
+
+
+@dataclass
+class ZResult:
+    targets: torch.Tensor          # (n, H): target hidden states h_i + delta_i
+    init: torch.Tensor             # (n, H): the unedited hidden states h_i
+    losses: list[float]            # final loss per request
+    steps: list[int]               # steps taken per request
+
+
+def optimize_targets(lm: LoadedModel, requests: Sequence[EditRequest], cfg: ZOptConfig,
+                     templates: Sequence[str] | None = None, *, mode: str = "suffix") -> ZResult:
+    """Batched target optimisation for `requests` (see the module docstring)."""
+    templates = list(templates) if templates is not None else context_templates(lm)
+    model, arch = lm.model, lm.arch
+    n = len(requests)
+    hidden = arch.dims(model, f"blocks.{cfg.layer}.mlp.out")[0]
+    delta = torch.zeros(n, hidden, device=lm.device, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    init = torch.zeros(n, hidden, device=lm.device)
+    kl_init: list[torch.Tensor | None] = [None] * n
+    final_loss = [float("nan")] * n
+    steps_taken = [0] * n
+    active = list(range(n))
+    site_mod = arch.module(model, cfg.site())
+    runner = None
+    checked = False
+    for it in range(cfg.steps):
+        if runner is None:
+            rows = _build_rows(lm, requests, templates, cfg.kl_template, active)
+            runner = _Runner(lm, rows, site_mod, cfg.layer, mode)
+            while mode != "full" and not checked and not runner.check():
+                fallback = {"suffix": "suffix-noreplay", "suffix-noreplay": "full"}[mode]
+                log.warning("%s passes differ from full passes for %s; using %s passes", mode,
+                            type(model).__name__, fallback)
+                mode = fallback
+                runner = _Runner(lm, rows, site_mod, cfg.layer, mode)
+            checked = True
+            if it == 0:  # the unedited hidden state at the first ("{}") row of each request
+                h0 = runner.site_output_at_lookup()
+                for j, o in enumerate(active):
+                    init[o] = h0[j * rows.n_ctx]
+            all_rows = torch.cat([rows.loss_rows, rows.kl_rows])
+            all_pos = torch.cat([rows.loss_pos, rows.kl_pos])
+            n_loss = rows.loss_rows.shape[0]
+            row_owner = rows.owner[rows.loss_rows]
+        logits = runner.logits_at(all_rows, all_pos, delta[rows.owner.to(lm.device)])
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        tok_lp = logp[:n_loss].gather(1, rows.loss_tok.view(-1, 1)).squeeze(1)
+        kl_lp = logp[n_loss:]
+        losses = []
+        for j, o in enumerate(active):
+            # NLL: per row the summed target log-prob / #target tokens, averaged over rows.
+            sel = (row_owner == o).to(tok_lp.device)
+            n_tgt = int(sel.sum()) // rows.n_ctx
+            nll = -tok_lp[sel].sum() / n_tgt / rows.n_ctx
+            if kl_init[o] is None:
+                kl_init[o] = kl_lp[j].detach()
+            kl = cfg.kl_factor * F.kl_div(kl_init[o].unsqueeze(0), kl_lp[j].unsqueeze(0),
+                                          log_target=True, reduction="batchmean")
+            wd = cfg.weight_decay * (delta[o].norm() / init[o].norm() ** 2)
+            losses.append(nll + kl + wd)
+        done = set()
+        for j, o in enumerate(active):
+            final_loss[o] = float(losses[j].detach())
+            steps_taken[o] = it
+            if final_loss[o] < cfg.early_stop_loss:
+                done.add(o)
+        if it == cfg.steps - 1:
+            break
+        still = [o for o in active if o not in done]
+        if not still:
+            break
+        total = sum(l for j, l in enumerate(losses) if active[j] not in done)
+        opt.zero_grad()
+        total.backward()
+        before = delta.detach().clone()
+        opt.step()
+        with torch.no_grad():
+            frozen = [o for o in range(n) if o not in still]
+            if frozen:  # Adam's momentum must not move a finished request
+                delta[frozen] = before[frozen]
+            for o in still:  # clamp to clamp_norm_factor * ||h||
+                max_norm = cfg.clamp_norm_factor * init[o].norm()
+                if delta[o].norm() > max_norm:
+                    delta[o] *= max_norm / delta[o].norm()
+        if len(still) != len(active):
+            active, runner = still, None  # rebuilt for the smaller set
+    return ZResult(targets=(init + delta.detach()).detach(), init=init.detach(), losses=final_loss,
+                   steps=steps_taken)
+
+
+# ------------------------------------------------------------------ keys and values
+@torch.no_grad()
+def hidden_at_subject(lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str],
+                      *, inputs_of: Sequence[str] = (), outputs_of: Sequence[str] = (),
+                      batch_rows: int = 256) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """For each request, the input (resp. output) of each site at the subject's last token,
+    averaged over the context templates: (inputs[site] (n, d_in), outputs[site] (n, d_out)).
+    One truncated forward pass per chunk of rows covers all sites."""
+    model, arch = lm.model, lm.arch
+    sites = list(dict.fromkeys([*inputs_of, *outputs_of]))
+    mods = {s: arch.module(model, s) for s in sites}
+    # A block's own output comes after its MLP projection.
+    deepest = max(sites, key=lambda s: (int(s.split(".")[1]), s.count(".") == 1))
+    seqs, owner, lookup = [], [], []
+    for o, r in enumerate(requests):
+        for c in templates:
+            ids, li = subject_last_index(lm, c.replace("{}", r.prompt, 1), r.subject)
+            seqs.append(ids), owner.append(o), lookup.append(li)
+    n, m = len(requests), len(templates)
+    acc_in = {s: None for s in inputs_of}
+    acc_out = {s: None for s in outputs_of}
+    pad = lm.tokenizer.pad_token_id or 0
+    for s0 in range(0, len(seqs), batch_rows):
+        chunk = seqs[s0:s0 + batch_rows]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(chunk):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        rows = torch.arange(len(chunk))
+        pos = torch.tensor(lookup[s0:s0 + batch_rows])
+        own = torch.tensor(owner[s0:s0 + batch_rows])
+        with trace(mods, inputs=bool(inputs_of), outputs=True, stop_after=deepest) as t:
+            run_until_stopped(lambda: model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                                            use_cache=False))
+        for store, src in ((acc_in, t.inputs), (acc_out, t.outputs)):
+            for s in store:
+                v = src[s][rows.to(src[s].device), pos.to(src[s].device)].double().cpu()
+                tot = torch.zeros(n, v.shape[1], dtype=torch.float64).index_add_(0, own, v)
+                store[s] = tot if store[s] is None else store[s] + tot
+    return ({s: (v / m).float() for s, v in acc_in.items()},
+            {s: (v / m).float() for s, v in acc_out.items()})
