@@ -14,8 +14,9 @@ Adam, stopping when loss_i < 5e-2, and after each step clamping ||delta_i|| <= c
 * all requests of a batch are optimised together: their rows form one right-padded batch,
   each request owns one row of the delta parameter; the losses are separable and Adam is
   elementwise, so each request follows its own trajectory exactly as alone (tested);
-* a request that reaches the early-stop loss is frozen and leaves the batch, so the
-  remaining steps only pay for unfinished requests;
+* a request that reaches the early-stop loss is frozen and leaves the batch (its rows are
+  sliced out of the prepared tensors and KV cache), so the remaining steps only pay for
+  unfinished requests;
 * no position before the subject's last token depends on delta (attention is causal): those
   prefixes run once into a KV cache per active set, and each step runs only the suffixes
   (typically a third of the tokens). This is checked against a full forward pass once per
@@ -138,6 +139,17 @@ class _Rows:
     def padded(self, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         return _pad(self.seqs, pad, device)
 
+    def subset(self, owners: set[int]) -> tuple[list[int], "_Rows"]:
+        """The rows of the requests in `owners` (row indices kept, and the renumbered rows)."""
+        keep = [i for i, o in enumerate(self.owner.tolist()) if o in owners]
+        new_index = {old: new for new, old in enumerate(keep)}
+        lsel = [i for i, r in enumerate(self.loss_rows.tolist()) if r in new_index]
+        ksel = [i for i, r in enumerate(self.kl_rows.tolist()) if r in new_index]
+        remap = lambda t, sel: torch.tensor([new_index[int(t[i])] for i in sel], dtype=torch.long)
+        return keep, _Rows([self.seqs[i] for i in keep], self.owner[keep], [self.lookup[i] for i in keep],
+                           remap(self.loss_rows, lsel), self.loss_pos[lsel], self.loss_tok[lsel],
+                           remap(self.kl_rows, ksel), self.kl_pos[ksel], self.n_ctx)
+
 
 def _pad(seqs, pad, device, width=None):
     width = width or max(1, max(len(s) for s in seqs))
@@ -216,11 +228,12 @@ class _Runner:
             lambda m, a, k, j=j: calls.__setitem__(j, (a, dict(k))), with_kwargs=True)
             for j, b in enumerate(self.replay_blocks)]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), trace({"s": self.site_mod}) as t:
                 self._base_suffix(cache := (copy.deepcopy(self.cache) if self.cache is not None else None))
         finally:
             for h in handles:
                 h.remove()
+        self.site_out = t.outputs["s"][:, 0]  # unedited output of the delta site at lookup
         self.calls = [calls[j] for j in range(len(self.replay_blocks))]
         self.captured_cache = cache
         a0, k0 = self.calls[0]
@@ -260,6 +273,31 @@ class _Runner:
                 return self._base_suffix(cache), torch.tensor(self.rows.lookup)
             return self._replay(), torch.tensor(self.rows.lookup)
 
+    def select(self, keep: list[int], rows: _Rows) -> None:
+        """Keep only rows `keep` (in suffix mode: by slicing the cache and the captured block
+        inputs along the batch dimension, no forward pass); `rows` is the matching subset."""
+        R = len(self.rows.seqs)
+        idx = torch.tensor(keep, device=self.lm.device)
+
+        def sl(v):
+            if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == R:
+                return v.index_select(0, idx.to(v.device))
+            if isinstance(v, tuple):
+                return tuple(sl(x) for x in v)
+            return v
+
+        self.rows = rows
+        self.full_ids, self.full_mask = sl(self.full_ids), sl(self.full_mask)
+        if self.mode == "full":
+            return
+        self.pre_ids, self.pre_mask = sl(self.pre_ids), sl(self.pre_mask)
+        self.suf_ids, self.suf_mask, self.suf_pos = sl(self.suf_ids), sl(self.suf_mask), sl(self.suf_pos)
+        if self.cache is not None:
+            self.cache.batch_select_indices(idx)
+        if self.mode == "suffix":
+            self.h_in = sl(self.h_in)
+            self.calls = [(tuple(sl(v) for v in a), {k: sl(v) for k, v in kw.items()}) for a, kw in self.calls]
+
     def logits_at(self, rows_idx: torch.Tensor, pos_idx: torch.Tensor, delta_rows=None) -> torch.Tensor:
         h, offset = self._hidden(delta_rows)
         cols = pos_idx - offset[rows_idx]
@@ -270,11 +308,13 @@ class _Runner:
 
     def site_output_at_lookup(self) -> torch.Tensor:
         """The unedited output of the delta site at each row's lookup position."""
+        if self.mode == "suffix":
+            return self.site_out
         with trace({"s": self.site_mod}) as t, torch.no_grad():
             self._hidden(None)
         out = t.outputs["s"]
         cols = [0] * len(self.rows.lookup) if self.mode != "full" else self.rows.lookup
-        return torch.stack([out[i, c] for i, c in enumerate(cols)]).float()
+        return torch.stack([out[i, c] for i, c in enumerate(cols)])
 
     def check(self) -> bool:
         """The suffix runner's logits equal a full forward's at every loss position."""
@@ -303,16 +343,21 @@ def optimize_targets(lm: LoadedModel, requests: Sequence[EditRequest], cfg: ZOpt
     model, arch = lm.model, lm.arch
     n = len(requests)
     hidden = arch.dims(model, f"blocks.{cfg.layer}.mlp.out")[0]
-    delta = torch.zeros(n, hidden, device=lm.device, dtype=torch.float32, requires_grad=True)
+    dtype = torch.float64 if lm.dtype == torch.float64 else torch.float32  # fp32 for fp32/bf16/fp16
+    delta = torch.zeros(n, hidden, device=lm.device, dtype=dtype, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-    init = torch.zeros(n, hidden, device=lm.device)
+    init = torch.zeros(n, hidden, device=lm.device, dtype=dtype)
     kl_init: list[torch.Tensor | None] = [None] * n
     final_loss = [float("nan")] * n
     steps_taken = [0] * n
     active = list(range(n))
     site_mod = arch.module(model, cfg.site())
     runner = None
-    checked = False
+    # The exactness check of the fast path runs once per model, site and requested mode;
+    # the mode it settles on is remembered.
+    mode_key = ("zopt-mode", cfg.site(), mode)
+    checked = mode_key in lm.scratch
+    mode = lm.scratch.get(mode_key, mode)
     for it in range(cfg.steps):
         if runner is None:
             rows = _build_rows(lm, requests, templates, cfg.kl_template, active)
@@ -323,6 +368,8 @@ def optimize_targets(lm: LoadedModel, requests: Sequence[EditRequest], cfg: ZOpt
                             type(model).__name__, fallback)
                 mode = fallback
                 runner = _Runner(lm, rows, site_mod, cfg.layer, mode)
+            if not checked:
+                lm.scratch[mode_key] = mode
             checked = True
             if it == 0:  # the unedited hidden state at the first ("{}") row of each request
                 h0 = runner.site_output_at_lookup()
@@ -333,7 +380,7 @@ def optimize_targets(lm: LoadedModel, requests: Sequence[EditRequest], cfg: ZOpt
             n_loss = rows.loss_rows.shape[0]
             row_owner = rows.owner[rows.loss_rows]
         logits = runner.logits_at(all_rows, all_pos, delta[rows.owner.to(lm.device)])
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = torch.log_softmax(logits.to(delta.dtype), dim=-1)
         tok_lp = logp[:n_loss].gather(1, rows.loss_tok.view(-1, 1)).squeeze(1)
         kl_lp = logp[n_loss:]
         losses = []
@@ -372,8 +419,14 @@ def optimize_targets(lm: LoadedModel, requests: Sequence[EditRequest], cfg: ZOpt
                 max_norm = cfg.clamp_norm_factor * init[o].norm()
                 if delta[o].norm() > max_norm:
                     delta[o] *= max_norm / delta[o].norm()
-        if len(still) != len(active):
-            active, runner = still, None  # rebuilt for the smaller set
+        if len(still) != len(active):  # finished requests leave the batch
+            keep, rows = rows.subset(set(still))
+            runner.select(keep, rows)
+            active = still
+            all_rows = torch.cat([rows.loss_rows, rows.kl_rows])
+            all_pos = torch.cat([rows.loss_pos, rows.kl_pos])
+            n_loss = rows.loss_rows.shape[0]
+            row_owner = rows.owner[rows.loss_rows]
     return ZResult(targets=(init + delta.detach()).detach(), init=init.detach(), losses=final_loss,
                    steps=steps_taken)
 

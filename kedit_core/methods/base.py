@@ -27,6 +27,8 @@ class EditConfig:
     v_weight_decay: float = hp(0.5, "weight decay on ||delta|| / ||h||^2")
     clamp_norm_factor: float = hp(0.75, "clamp ||delta|| <= factor * ||h||")
     kl_factor: float = hp(0.0625, "weight of the KL term on '{subject} is a'")
+    v_batch_size: int = hp(0, "requests optimised together (0: the whole batch; 1: one at a time, "
+                                 "as the reference code)")
     mom2_n_samples: int = hp(100_000, "texts of the statistics corpus (reference: 100,000 Wikipedia texts)")
     mom2_max_length: int = hp(128, "tokens per statistics text")
 

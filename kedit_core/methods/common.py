@@ -29,9 +29,9 @@ def spread_over_layers(lm: LoadedModel, requests: Sequence[EditRequest], cfg,
     on exit; the deltas are returned."""
     templates = context_templates(lm)
     L = max(cfg.layers)
-    z = optimize_targets(lm, requests, zopt_config(cfg, L, "block"), templates)
+    z = optimize_in_chunks(lm, requests, zopt_config(cfg, L, "block"), templates, cfg.v_batch_size)
     deltas: list[WeightDelta] = []
-    info = {"z_loss": z.losses, "z_steps": z.steps}
+    info = {"z_loss": z.losses, "z_steps": z.steps, "targets": z.targets.detach().cpu()}
     with temporarily_applied(lm) as app:
         for i, layer in enumerate(cfg.layers):
             site = lm.arch.mlp_out_site(layer)
@@ -44,6 +44,17 @@ def spread_over_layers(lm: LoadedModel, requests: Sequence[EditRequest], cfg,
             app.apply([d])
             deltas.append(d)
     return deltas, z, info
+
+
+def optimize_in_chunks(lm: LoadedModel, requests: Sequence[EditRequest], zcfg: ZOptConfig,
+                       templates, chunk: int) -> ZResult:
+    """optimize_targets over chunks of `chunk` requests (0: all together)."""
+    if not chunk or chunk >= len(requests):
+        return optimize_targets(lm, requests, zcfg, templates)
+    parts = [optimize_targets(lm, requests[i:i + chunk], zcfg, templates)
+             for i in range(0, len(requests), chunk)]
+    return ZResult(targets=torch.cat([p.targets for p in parts]), init=torch.cat([p.init for p in parts]),
+                   losses=[x for p in parts for x in p.losses], steps=[x for p in parts for x in p.steps])
 
 
 def keys_after(lm: LoadedModel, requests: Sequence[EditRequest], layers: Sequence[int],

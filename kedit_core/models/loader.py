@@ -99,6 +99,9 @@ class LoadedModel:
     source: str                # where the weights came from
     load_seconds: float = 0.0
     _fingerprint: str | None = field(default=None, repr=False)
+    # Per-model memo of facts that hold for these weights' architecture (e.g. that the
+    # cached-suffix target optimisation matches full passes); never holds tensors.
+    scratch: dict = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> torch.device:

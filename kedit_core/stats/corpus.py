@@ -7,13 +7,48 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from kedit_core.errors import BadInputError
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext" / "wiki.test.raw"
+
+
+def _pydoc_texts() -> Iterator[str]:
+    """Paragraphs of the docstrings of Python's standard library: real English text that
+    every machine has, the fallback corpus where WikiText is absent."""
+    import importlib
+    import inspect
+    import pkgutil
+    import sys
+    import warnings
+
+    skip = ("test", "idlelib", "tkinter", "turtle", "antigravity", "this", "lib2to3", "ensurepip",
+            "venv", "pydoc_data", "__")
+    names = sorted(set(sys.stdlib_module_names))
+    seen = set()
+    for name in names:
+        if name.startswith(skip):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - platform-specific modules
+            continue
+        objs = [mod] + [v for _, v in sorted(vars(mod).items()) if inspect.isclass(v) or inspect.isfunction(v)]
+        for obj in objs:
+            doc = inspect.getdoc(obj) or ""
+            for para in doc.split("\n\n"):
+                text = " ".join(para.split())
+                if len(text) > 80 and text not in seen and not text.startswith((">>>", "..")):
+                    seen.add(text)
+                    yield text
 
 
 @dataclass(frozen=True)
@@ -25,6 +60,10 @@ class Corpus:
 
     def content_hash(self) -> str:
         h = hashlib.sha256()
+        if self.id == "builtin:pydoc":
+            for t in self.texts():
+                h.update(t.encode())
+            return h.hexdigest()
         if self.hf:
             h.update(json.dumps(self.hf).encode())
             return h.hexdigest()
@@ -36,6 +75,9 @@ class Corpus:
         return h.hexdigest()
 
     def texts(self) -> Iterator[str]:
+        if self.id == "builtin:pydoc":
+            yield from _pydoc_texts()
+            return
         if self.hf:
             import datasets
 
@@ -70,13 +112,16 @@ def _file_texts(f: Path, column: str) -> Iterator[str]:
 
 def open_corpus(spec: str | Path | None, *, text_column: str = "text") -> Corpus:
     """A corpus from a path (file or directory), a list of paths joined by ",", or
-    "hf:NAME[:CONFIG]:SPLIT". None means the default test corpus (WikiText-2 test)."""
+    "hf:NAME[:CONFIG]:SPLIT", or "builtin:pydoc" (the standard library's docstrings). None
+    means WikiText-2 test from ../shared/data when present, else "builtin:pydoc"."""
     if spec is None:
-        if not DEFAULT_CORPUS.is_file():
-            raise BadInputError("no statistics corpus given and the default "
-                                f"({DEFAULT_CORPUS}) is absent; pass a text file", field="stats_corpus")
-        return Corpus("wikitext-2-test", (DEFAULT_CORPUS,), text_column)
+        if DEFAULT_CORPUS.is_file():
+            return Corpus("wikitext-2-test", (DEFAULT_CORPUS,), text_column)
+        log.info("WikiText-2 (%s) is absent; using the docstrings of Python's standard library", DEFAULT_CORPUS)
+        spec = "builtin:pydoc"
     spec = str(spec)
+    if spec == "builtin:pydoc":
+        return Corpus(spec, (), text_column)
     if spec.startswith("hf:"):
         parts = spec[3:].split(":")
         if len(parts) not in (2, 3):

@@ -68,7 +68,7 @@ class ROME:
         layer = cfg.layers[0]
         site = lm.arch.mlp_out_site(layer)
         templates = context_templates(lm)
-        lefts, rights, info = [], [], {"z_loss": [], "z_steps": []}
+        lefts, rights, info = [], [], {"z_loss": [], "z_steps": [], "targets": []}
         with temporarily_applied(lm) as app:
             for req in requests:  # sequential single edits
                 v = optimize_targets(lm, [req], zopt_config(cfg, layer, "mlp.out"), templates)
@@ -84,5 +84,6 @@ class ROME:
                 lefts.append(d.left), rights.append(d.right)
                 info["z_loss"] += v.losses
                 info["z_steps"] += v.steps
+                info["targets"].append(v.targets[0].cpu())
         delta = WeightDelta(site, left=torch.cat(lefts, 1), right=torch.cat(rights, 1))
         return EditResult((delta,), info), state

@@ -1,0 +1,44 @@
+"""Shared helpers of the benchmark scripts: results as JSON plus a markdown table."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write(name: str, rows: list[dict], columns: list[str], notes: str = "") -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+    lines = [f"# {name}", "", notes, "", "| " + " | ".join(columns) + " |",
+             "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+    lines += ["", f"machine: {json.dumps(machine())}", ""]
+    path = RESULTS / f"{name}.md"
+    path.write_text("\n".join(lines))
+    print("\n".join(lines))
+    return path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return "" if v is None else str(v)
