@@ -70,11 +70,13 @@ def main() -> None:
                 raise SystemExit(f"{method}/{z} failed")
             rows.append(json.loads(line[0][7:]))
             print(rows[-1], flush=True)
-    write(f"edits_{args.model}_{args.n}x{args.batch_size}", rows,
+    tag = args.methods.replace(",", "-") + ("" if args.set == "{}" else "_" + "_".join(
+        f"{k}{v}" for k, v in sorted(json.loads(args.set).items())))
+    write(f"edits_{args.model}_{tag}_{args.n}x{args.batch_size}", rows,
           ["method", "zopt", "s_per_edit", "peak_rss_mb", "efficacy_score", "paraphrase_score",
            "neighborhood_score", "score", "perplexity", "pre_efficacy_score", "pre_paraphrase_score",
            "pre_neighborhood_score", "pre_perplexity"],
-          notes=f"{args.model}, first {args.n} records of {DATA.name}, sequential batches of "
+          notes=f"{args.model}, overrides {args.set}, first {args.n} records of {DATA.name}, sequential batches of "
                 f"{args.batch_size}; metrics over all {args.n} after the last batch. Reference AlphaEdit "
                 "on this machine (issue 3): 20.3 s/edit; efficacy 0.750, paraphrase 0.595, neighbourhood 0.747.")
 

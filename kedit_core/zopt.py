@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kedit_core.batching import pad_id, pad_right
 from kedit_core.hooks import add_at_positions, run_until_stopped, trace
 from kedit_core.models.loader import LoadedModel, cache_dir
 from kedit_core.types import EditRequest
@@ -137,7 +138,7 @@ class _Rows:
     n_ctx: int
 
     def padded(self, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return _pad(self.seqs, pad, device)
+        return pad_right(self.seqs, pad, device)
 
     def subset(self, owners: set[int]) -> tuple[list[int], "_Rows"]:
         """The rows of the requests in `owners` (row indices kept, and the renumbered rows)."""
@@ -149,16 +150,6 @@ class _Rows:
         return keep, _Rows([self.seqs[i] for i in keep], self.owner[keep], [self.lookup[i] for i in keep],
                            remap(self.loss_rows, lsel), self.loss_pos[lsel], self.loss_tok[lsel],
                            remap(self.kl_rows, ksel), self.kl_pos[ksel], self.n_ctx)
-
-
-def _pad(seqs, pad, device, width=None):
-    width = width or max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _build_rows(lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str],
@@ -197,15 +188,15 @@ class _Runner:
         self.base = getattr(model, model.base_model_prefix)
         self.head = lm.arch.module(model, "unembed")
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        pad = lm.tokenizer.pad_token_id or 0
+        pad = pad_id(lm.tokenizer)
         dev = lm.device
         self.full_ids, self.full_mask = rows.padded(pad, dev)
         if mode.startswith("suffix"):
             pre = rows.lookup
             P = max(pre)
             self.P = P
-            self.pre_ids, self.pre_mask = _pad([s[:p] for s, p in zip(rows.seqs, pre)], pad, dev, width=max(P, 1))
-            self.suf_ids, self.suf_mask = _pad([s[p:] for s, p in zip(rows.seqs, pre)], pad, dev)
+            self.pre_ids, self.pre_mask = pad_right([s[:p] for s, p in zip(rows.seqs, pre)], pad, dev, width=max(P, 1))
+            self.suf_ids, self.suf_mask = pad_right([s[p:] for s, p in zip(rows.seqs, pre)], pad, dev)
             S = self.suf_ids.shape[1]
             self.suf_pos = (torch.tensor(pre).view(-1, 1) + torch.arange(S).view(1, -1)).to(dev)
             self.cache = None
@@ -432,45 +423,50 @@ def optimize_targets(lm: LoadedModel, requests: Sequence[EditRequest], cfg: ZOpt
 
 
 # ------------------------------------------------------------------ keys and values
+def template_weights(templates: Sequence[str]) -> list[float]:
+    """Weights of the context templates in a key average. The reference (MEMIT compute_ks)
+    averages within each template type, then over the two types: the bare "{}" prompt
+    weighs 1/2 and the sampled prefixes share the other 1/2."""
+    n = len(templates)
+    if n > 1 and templates[0] == "{}":
+        return [0.5] + [0.5 / (n - 1)] * (n - 1)
+    return [1.0 / n] * n
+
+
 @torch.no_grad()
 def hidden_at_subject(lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str],
                       *, inputs_of: Sequence[str] = (), outputs_of: Sequence[str] = (),
                       batch_rows: int = 256) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """For each request, the input (resp. output) of each site at the subject's last token,
-    averaged over the context templates: (inputs[site] (n, d_in), outputs[site] (n, d_out)).
-    One truncated forward pass per chunk of rows covers all sites."""
+    averaged over the context templates with `template_weights`: (inputs[site] (n, d_in),
+    outputs[site] (n, d_out)). One truncated forward pass per chunk of rows covers all sites."""
     model, arch = lm.model, lm.arch
     sites = list(dict.fromkeys([*inputs_of, *outputs_of]))
     mods = {s: arch.module(model, s) for s in sites}
     # A block's own output comes after its MLP projection.
     deepest = max(sites, key=lambda s: (int(s.split(".")[1]), s.count(".") == 1))
-    seqs, owner, lookup = [], [], []
+    seqs, owner, lookup, weight = [], [], [], []
+    tw = template_weights(templates)
     for o, r in enumerate(requests):
-        for c in templates:
+        for c, w in zip(templates, tw):
             ids, li = subject_last_index(lm, c.replace("{}", r.prompt, 1), r.subject)
-            seqs.append(ids), owner.append(o), lookup.append(li)
-    n, m = len(requests), len(templates)
+            seqs.append(ids), owner.append(o), lookup.append(li), weight.append(w)
+    n = len(requests)
     acc_in = {s: None for s in inputs_of}
     acc_out = {s: None for s in outputs_of}
-    pad = lm.tokenizer.pad_token_id or 0
+    pad = pad_id(lm.tokenizer)
     for s0 in range(0, len(seqs), batch_rows):
         chunk = seqs[s0:s0 + batch_rows]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(chunk):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+        ids, mask = pad_right(chunk, pad, lm.device)
         rows = torch.arange(len(chunk))
         pos = torch.tensor(lookup[s0:s0 + batch_rows])
         own = torch.tensor(owner[s0:s0 + batch_rows])
+        wts = torch.tensor(weight[s0:s0 + batch_rows], dtype=torch.float64).view(-1, 1)
         with trace(mods, inputs=bool(inputs_of), outputs=True, stop_after=deepest) as t:
-            run_until_stopped(lambda: model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                                            use_cache=False))
+            run_until_stopped(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False))
         for store, src in ((acc_in, t.inputs), (acc_out, t.outputs)):
             for s in store:
-                v = src[s][rows.to(src[s].device), pos.to(src[s].device)].double().cpu()
+                v = src[s][rows.to(src[s].device), pos.to(src[s].device)].double().cpu() * wts
                 tot = torch.zeros(n, v.shape[1], dtype=torch.float64).index_add_(0, own, v)
                 store[s] = tot if store[s] is None else store[s] + tot
-    return ({s: (v / m).float() for s, v in acc_in.items()},
-            {s: (v / m).float() for s, v in acc_out.items()})
+    return ({s: v.float() for s, v in acc_in.items()}, {s: v.float() for s, v in acc_out.items()})

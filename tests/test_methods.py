@@ -200,3 +200,14 @@ def test_apply_then_revert_restores_every_bit(lm, tmp_path):
     (tmp_path / "d" / "deltas.safetensors").write_bytes(b"junk")
     with pytest.raises(BadInputError, match="unreadable deltas"):
         load_deltas(tmp_path / "d")
+
+
+def test_keys_weight_the_bare_prompt_half_as_the_reference(lm, reqs):
+    """MEMIT's compute_ks averages per template type: bare "{}" 1/2, sampled prefixes 1/2."""
+    tm = context_templates(lm)
+    site = lm.arch.mlp_out_site(1)
+    avg, _ = hidden_at_subject(lm, reqs[:1], tm, inputs_of=[site])
+    each = [hidden_at_subject(lm, reqs[:1], [t] if t != "{}" else ["{}"], inputs_of=[site])[0][site][0]
+            for t in tm]
+    expected = 0.5 * each[0] + 0.5 * torch.stack(each[1:]).mean(0)
+    torch.testing.assert_close(avg[site][0], expected, atol=1e-5, rtol=1e-5)

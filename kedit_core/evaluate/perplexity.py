@@ -8,30 +8,18 @@ from collections.abc import Iterable
 import torch
 
 from kedit_core.models.loader import LoadedModel
-from kedit_core.stats.moments import batches_by_tokens
+from kedit_core.batching import batches_by_tokens, pad_id, pad_right
+from kedit_core.stats.moments import tokenize_corpus
 
 
 @torch.no_grad()
 def perplexity(lm: LoadedModel, texts: Iterable[str], *, max_length: int = 128,
                n_texts: int | None = 200, batch_tokens: int = 8192) -> float:
-    tok = lm.tokenizer
-    seqs = []
-    for t in texts:
-        if n_texts is not None and len(seqs) >= n_texts:
-            break
-        ids = tok(t, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
-        if len(ids) >= 2:
-            seqs.append(ids)
+    seqs = tokenize_corpus(lm, texts, max_length=max_length, n_samples=n_texts)
     nll, count = 0.0, 0
-    pad = tok.pad_token_id or 0
+    pad = pad_id(lm.tokenizer)
     for idx in batches_by_tokens(seqs, batch_tokens):
-        width = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(idx):
-            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
-            mask[r, : len(seqs[i])] = 1
-        ids, mask = ids.to(lm.device), mask.to(lm.device)
+        ids, mask = pad_right([seqs[i] for i in idx], pad, lm.device)
         logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         tgt = ids[:, 1:]
         m = mask[:, 1:].bool()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kedit_core.batching import batches_by_tokens, pad_id, pad_right
 from kedit_core.models.loader import LoadedModel
 from kedit_core.zopt import target_ids
 
@@ -35,23 +36,10 @@ def score(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], *,
         spans.append(len(pid) - 1)
         tgts.append(t)
     out = Scores([0.0] * len(seqs), [0.0] * len(seqs), [0.0] * len(seqs), [[] for _ in seqs])
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    pad = tok.pad_token_id or 0
-    i = 0
-    while i < len(order):
-        width = len(seqs[order[i]])
-        j = i
-        while j < len(order) and len(seqs[order[j]]) * (j - i + 1) <= max(batch_tokens, len(seqs[order[j]])):
-            width = len(seqs[order[j]])
-            j += 1
-        idx = order[i:j]
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, k in enumerate(idx):
-            ids[r, : len(seqs[k])] = torch.tensor(seqs[k])
-            mask[r, : len(seqs[k])] = 1
-        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                          use_cache=False).logits
+    pad = pad_id(tok)
+    for idx in batches_by_tokens(seqs, batch_tokens):
+        ids, mask = pad_right([seqs[k] for k in idx], pad, lm.device)
+        logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         for r, k in enumerate(idx):
             s, t = spans[k], tgts[k]
             lg = logits[r, s: s + len(t)].float()
@@ -63,5 +51,4 @@ def score(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], *,
             out.mean_nll[k] = -total / len(t)
             out.token_acc[k] = float((am == tt).float().mean())
             out.argmax[k] = am.tolist()
-        i = j
     return out

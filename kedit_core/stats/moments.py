@@ -11,11 +11,12 @@ can be computed anywhere (Ray actors) and combined.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence  # noqa: F401
 from dataclasses import dataclass
 
 import torch
 
+from kedit_core.batching import batches_by_tokens, pad_id, pad_right
 from kedit_core.hooks import run_until_stopped, trace
 from kedit_core.models.loader import LoadedModel
 
@@ -59,23 +60,6 @@ def merge_all(parts: Iterable[dict[str, SecondMoment]]) -> dict[str, SecondMomen
     return out
 
 
-def batches_by_tokens(token_lists: Sequence[list[int]], max_tokens: int) -> Iterable[list[int]]:
-    """Indices of sequences grouped so that batch_size * longest <= max_tokens (sorted by
-    length to waste little padding)."""
-    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
-    batch: list[int] = []
-    longest = 0
-    for i in order:
-        n = len(token_lists[i])
-        if batch and max(longest, n) * (len(batch) + 1) > max_tokens:
-            yield batch
-            batch, longest = [], 0
-        batch.append(i)
-        longest = max(longest, n)
-    if batch:
-        yield batch
-
-
 @torch.no_grad()
 def collect_second_moments(lm: LoadedModel, sites: Sequence[str], token_lists: Sequence[list[int]],
                            *, batch_tokens: int = 4096,
@@ -90,7 +74,7 @@ def collect_second_moments(lm: LoadedModel, sites: Sequence[str], token_lists: S
     modules = {s: arch.module(model, s) for s in sites}
     deepest = max(sites, key=lambda s: int(s.split(".")[1]))
     moments = {s: SecondMoment.zeros(arch.dims(model, s)[1]) for s in sites}
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(lm.tokenizer)
     mask_ref: dict[str, torch.Tensor] = {}
 
     def on_input(site: str, x: torch.Tensor) -> None:
@@ -100,15 +84,9 @@ def collect_second_moments(lm: LoadedModel, sites: Sequence[str], token_lists: S
     with trace(modules, inputs=True, outputs=False, stop_after=deepest, on_input=on_input):
         for idx in batches_by_tokens(token_lists, batch_tokens):
             seqs = [token_lists[i] for i in idx]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for r, s in enumerate(seqs):
-                ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-                mask[r, : len(s)] = 1
-            mask_ref["mask"] = mask.bool().to(lm.device)
-            run_until_stopped(lambda: model(input_ids=ids.to(lm.device),
-                                            attention_mask=mask.to(lm.device), use_cache=False))
+            ids, mask = pad_right(seqs, pad, lm.device)
+            mask_ref["mask"] = mask.bool()
+            run_until_stopped(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False))
             if progress:
                 progress(int(mask.sum()), len(seqs))
     return moments

@@ -45,10 +45,12 @@ class MemitConfig(EditConfig):
         # Llama-3-8B (AlphaEdit's MEMIT baseline).
         ("llama", 32, 4096): dict(layers=(4, 5, 6, 7, 8), v_num_grad_steps=25, v_lr=0.1,
                                   mom2_update_weight=15_000.0),
-        # SmolLM2-135M: chosen by measurement here (benchmarks/results/hparams_smollm2.md).
+        # SmolLM2-135M: chosen by measurement here (benchmarks/results/hparams_smollm2.md):
+        # with GPT-J's 15,000 the update leaves ~89% of the residual (its keys are smaller);
+        # 2,000 on one batch of 100 CounterFact records: 0.98 / 0.93 / 0.735 (unedited 0.752).
         ("llama", 30, 576): dict(layers=(4, 5, 6, 7, 8), v_num_grad_steps=25, v_lr=0.5,
                                  clamp_norm_factor=0.75, mom2_n_samples=2000,
-                                 mom2_update_weight=15_000.0),
+                                 mom2_update_weight=2_000.0),
     }
 
 
