@@ -9,8 +9,14 @@ import torch
 
 from kedit_core.apply import temporarily_applied
 from kedit_core.models.loader import LoadedModel
-from kedit_core.types import EditRequest, WeightDelta
+from kedit_core.types import EditRequest, StatKey, WeightDelta
 from kedit_core.zopt import ZOptConfig, ZResult, context_templates, hidden_at_subject, optimize_targets
+
+
+def mlp_out_stats(lm: LoadedModel, layers: Sequence[int]) -> list[StatKey]:
+    """The second moments locate-and-edit methods need: E[kk^T] at the input of each edited
+    layer's MLP output projection."""
+    return [StatKey(lm.arch.mlp_out_site(l)) for l in layers]
 
 
 def zopt_config(cfg, layer: int, where: str) -> ZOptConfig:

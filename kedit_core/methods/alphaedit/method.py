@@ -29,7 +29,7 @@ import torch
 
 from kedit_core.linalg import solve
 from kedit_core.methods.base import EditConfig, hp, register
-from kedit_core.methods.common import keys_after, spread_over_layers
+from kedit_core.methods.common import mlp_out_stats, keys_after, spread_over_layers
 from kedit_core.types import EditResult, StatKey
 
 
@@ -62,7 +62,7 @@ class AlphaEdit:
     config_cls: ClassVar = AlphaEditConfig
 
     def required_stats(self, cfg: AlphaEditConfig, lm) -> list[StatKey]:
-        return [StatKey(lm.arch.mlp_out_site(l)) for l in cfg.layers]
+        return mlp_out_stats(lm, cfg.layers)
 
     def prepare(self, lm, cfg: AlphaEditConfig, stats) -> dict:
         P = {l: stats.projector(lm.arch.mlp_out_site(l), cfg.nullspace_threshold) for l in cfg.layers}

@@ -27,7 +27,7 @@ import torch
 
 from kedit_core.linalg import solve_spd
 from kedit_core.methods.base import EditConfig, hp, register
-from kedit_core.methods.common import spread_over_layers
+from kedit_core.methods.common import mlp_out_stats, spread_over_layers
 from kedit_core.types import EditResult, StatKey
 
 
@@ -60,7 +60,7 @@ class MEMIT:
     config_cls: ClassVar = MemitConfig
 
     def required_stats(self, cfg: MemitConfig, lm) -> list[StatKey]:
-        return [StatKey(lm.arch.mlp_out_site(l)) for l in cfg.layers]
+        return mlp_out_stats(lm, cfg.layers)
 
     def prepare(self, lm, cfg: MemitConfig, stats) -> dict:
         return {"cfg": cfg, "C": {l: stats[lm.arch.mlp_out_site(l)].mean() for l in cfg.layers}}

@@ -28,7 +28,7 @@ import torch
 from kedit_core.apply import temporarily_applied
 from kedit_core.linalg import solve_spd
 from kedit_core.methods.base import EditConfig, hp, register
-from kedit_core.methods.common import zopt_config
+from kedit_core.methods.common import mlp_out_stats, zopt_config
 from kedit_core.types import EditResult, StatKey, WeightDelta
 from kedit_core.zopt import context_templates, hidden_at_subject, optimize_targets
 
@@ -55,7 +55,7 @@ class ROME:
     config_cls: ClassVar = RomeConfig
 
     def required_stats(self, cfg: RomeConfig, lm) -> list[StatKey]:
-        return [StatKey(lm.arch.mlp_out_site(cfg.layers[0]))]
+        return mlp_out_stats(lm, cfg.layers[:1])
 
     def prepare(self, lm, cfg: RomeConfig, stats) -> dict:
         if len(cfg.layers) != 1:
