@@ -152,7 +152,12 @@ def test_alphaedit_update_leaves_preserved_keys_unchanged(lm, reqs):
         kk = state2["KpKp"][l]
         assert float(kk.norm()) > 0 and torch.allclose(kk, kk.T)
         assert float(state["KpKp"][l].norm()) == 0  # the old state is not mutated
-    tensors = m.state_tensors(state2)
+    from safetensors.torch import load_file, save_file
+
+    import tempfile, os
+    with tempfile.TemporaryDirectory() as d:  # the state goes through a safetensors file
+        save_file(m.state_tensors(state2), os.path.join(d, "state.safetensors"))
+        tensors = load_file(os.path.join(d, "state.safetensors"))
     again = m.load_state_tensors(state, tensors)
     assert all(torch.equal(again["KpKp"][l], state2["KpKp"][l]) for l in cfg.layers)
 
