@@ -60,20 +60,28 @@ class Editor:
         out = []
         batches = [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
         for batch in tqdm(batches, desc=f"{self.method.name} batches", disable=not self.show_progress):
-            with torch.no_grad():
-                self._baseline.update(baseline_predictions_unedited(self, batch))
-            t0 = time.perf_counter()
-            result, self.state = self.method.compute(self.lm, batch, self.state)
-            self.applier.apply(result.deltas)
-            dt = time.perf_counter() - t0
-            rec = {"n": len(batch), "seconds": dt, "seconds_per_edit": dt / len(batch),
-                   "delta_norms": {d.site: float(d.matrix().norm()) for d in result.deltas},
-                   "z_loss_mean": float(sum(result.info.get("z_loss", [0])) / max(len(batch), 1))}
-            self.history.append(rec)
-            out.append(rec)
-            log.info("batch of %d edited in %.1fs (%.2f s/edit); %d edits so far", len(batch), dt,
-                     dt / len(batch), self.n_edits)
+            out.append(self.history[-1] if self.edit_batch(batch) else None)
         return out
+
+    def edit_batch(self, batch: Sequence[EditRequest], backend=None) -> dict:
+        """One sequential step: compute the batch's deltas (per-request work on `backend`,
+        the local model when None), apply them, advance the state."""
+        if self._baseline is None:
+            self._baseline = {}
+        with torch.no_grad():
+            self._baseline.update(baseline_predictions_unedited(self, batch))
+        t0 = time.perf_counter()
+        result, self.state = self.method.compute(self.lm, batch, self.state, backend)
+        self.applier.apply(result.deltas)
+        dt = time.perf_counter() - t0
+        rec = {"n": len(batch), "seconds": dt, "seconds_per_edit": dt / len(batch),
+               "delta_norms": {d.site: float(d.matrix().norm()) for d in result.deltas},
+               "z_loss_mean": float(sum(result.info.get("z_loss", [0])) / max(len(batch), 1)),
+               "deltas": result.deltas}
+        self.history.append({k: v for k, v in rec.items() if k != "deltas"})
+        log.info("batch of %d edited in %.1fs (%.2f s/edit); %d edits so far", len(batch), dt,
+                 dt / len(batch), self.n_edits)
+        return rec
 
     def evaluate(self, requests: Sequence[EditRequest], *, fluency: bool = False,
                  perplexity_texts: int | None = 0) -> dict[str, float]:

@@ -86,8 +86,11 @@ class EditMethod(Protocol):
 
     def prepare(self, lm: LoadedModel, cfg: EditConfig, stats: dict[str, Any]) -> Any: ...
 
-    def compute(self, lm: LoadedModel, requests: Sequence[EditRequest], state: Any
-                ) -> tuple[EditResult, Any]: ...
+    def compute(self, lm: LoadedModel, requests: Sequence[EditRequest], state: Any, backend: Any = None
+                ) -> tuple[EditResult, Any]:
+        """Deltas for `requests` and the next state; leaves `lm` unchanged. `backend` runs
+        the per-request work (methods.common.LocalBackend on `lm` when None; the Ray
+        pipeline passes one that shards it over actors)."""
 
 
 _REGISTRY: dict[str, type] = {}

@@ -25,30 +25,56 @@ def zopt_config(cfg, layer: int, where: str) -> ZOptConfig:
                       clamp_norm_factor=cfg.clamp_norm_factor)
 
 
-def spread_over_layers(lm: LoadedModel, requests: Sequence[EditRequest], cfg,
+class LocalBackend:
+    """The per-request work of a locate-and-edit batch, on one model replica: target
+    optimisation, and the key moments each layer's closed-form solve needs. Everything it
+    returns is a sum over requests (or one row per request), so the Ray pipeline runs the
+    same calls on shares of a batch in `EditWorker` actors and adds the results
+    (pipelines/edit_job.py); this class is the single-process case."""
+
+    def __init__(self, lm: LoadedModel, chunk: int = 0):
+        self.lm, self.chunk = lm, chunk
+
+    def targets(self, requests: Sequence[EditRequest], zcfg: ZOptConfig) -> ZResult:
+        return optimize_in_chunks(self.lm, requests, zcfg, context_templates(self.lm), self.chunk)
+
+    def layer_moments(self, requests: Sequence[EditRequest], targets: torch.Tensor, layer: int,
+                      last: int, share: float, applied: Sequence[WeightDelta] = ()
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K K^T, K R^T) in float64 for the requests at `layer`, with `applied` on: K (d, n)
+        the keys averaged over the context templates, R (H, n) = share * (z - h_last), h_last
+        the output of block `last` on the bare prompt."""
+        lm = self.lm
+        site = lm.arch.mlp_out_site(layer)
+        with temporarily_applied(lm, applied):
+            keys, _ = hidden_at_subject(lm, requests, context_templates(lm), inputs_of=[site])
+            _, cur = hidden_at_subject(lm, requests, ["{}"], outputs_of=[f"blocks.{last}"])
+        K = keys[site].T.double()
+        R = (targets.double().cpu() - cur[f"blocks.{last}"].double()).T * share
+        return K @ K.T, K @ R.T
+
+    def key_moments(self, requests: Sequence[EditRequest], layers: Sequence[int],
+                    applied: Sequence[WeightDelta] = ()) -> dict[int, torch.Tensor]:
+        """K K^T (float64) of the requests' keys at each layer with `applied` on."""
+        return {l: K @ K.T for l, K in keys_after(self.lm, requests, layers, applied).items()}
+
+
+def spread_over_layers(backend: LocalBackend, requests: Sequence[EditRequest], cfg,
                        solve_layer: Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor],
                        ) -> tuple[list[WeightDelta], ZResult, dict]:
     """MEMIT's outer loop. Targets z_i at the last edited layer L; then for each edited layer
-    l (in order) the keys K (d, n) at l (averaged over context templates) and the residual
-    R = (z - h_L) / (layers left) (h_L from the bare prompt, with the earlier layers' updates
-    applied); `solve_layer(i, l, K, R)` returns the delta (out, in). The model is restored
-    on exit; the deltas are returned."""
-    templates = context_templates(lm)
+    l (in order) the moments K K^T and K R^T of the keys K (d, n) at l (averaged over context
+    templates) and the residual R = (z - h_L) / (layers left) (h_L from the bare prompt, with
+    the earlier layers' updates applied); `solve_layer(i, l, KK, KR)` returns the delta
+    (out, in). The model is left unchanged; the deltas are returned."""
     L = max(cfg.layers)
-    z = optimize_in_chunks(lm, requests, zopt_config(cfg, L, "block"), templates, cfg.v_batch_size)
+    z = backend.targets(requests, zopt_config(cfg, L, "block"))
     deltas: list[WeightDelta] = []
     info = {"z_loss": z.losses, "z_steps": z.steps, "targets": z.targets.detach().cpu()}
-    with temporarily_applied(lm) as app:
-        for i, layer in enumerate(cfg.layers):
-            site = lm.arch.mlp_out_site(layer)
-            keys, _ = hidden_at_subject(lm, requests, templates, inputs_of=[site])
-            _, cur = hidden_at_subject(lm, requests, ["{}"], outputs_of=[f"blocks.{L}"])
-            K = keys[site].T.double()
-            R = (z.targets.double().cpu() - cur[f"blocks.{L}"].double()).T / (len(cfg.layers) - i)
-            delta = solve_layer(i, layer, K, R).float()
-            d = WeightDelta(site, dense=delta)
-            app.apply([d])
-            deltas.append(d)
+    for i, layer in enumerate(cfg.layers):
+        KK, KR = backend.layer_moments(requests, z.targets, layer, L, 1.0 / (len(cfg.layers) - i), deltas)
+        delta = solve_layer(i, layer, KK, KR).float()
+        deltas.append(WeightDelta(f"blocks.{layer}.mlp.out", dense=delta))  # the stable site name
     return deltas, z, info
 
 

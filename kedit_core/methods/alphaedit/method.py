@@ -29,7 +29,7 @@ import torch
 
 from kedit_core.linalg import solve
 from kedit_core.methods.base import EditConfig, hp, register
-from kedit_core.methods.common import mlp_out_stats, keys_after, spread_over_layers
+from kedit_core.methods.common import LocalBackend, mlp_out_stats, spread_over_layers
 from kedit_core.types import EditResult, StatKey
 
 
@@ -69,19 +69,20 @@ class AlphaEdit:
         d = {l: P[l].shape[0] for l in cfg.layers}
         return {"cfg": cfg, "P": P, "KpKp": {l: torch.zeros(d[l], d[l], dtype=torch.float64) for l in cfg.layers}}
 
-    def compute(self, lm, requests, state):
+    def compute(self, lm, requests, state, backend=None):
         cfg: AlphaEditConfig = state["cfg"]
         P, KpKp = state["P"], state["KpKp"]
+        backend = backend or LocalBackend(lm, cfg.v_batch_size)
 
-        def solve_layer(i, layer, K, R):
+        def solve_layer(i, layer, KK, KR):
             p = P[layer].double()
-            A = p @ (K @ K.T + KpKp[layer]) + cfg.L2 * torch.eye(p.shape[0], dtype=torch.float64)
-            X = solve(A, p @ K @ R.T)       # (d, H), in the range of P
+            A = p @ (KK + KpKp[layer]) + cfg.L2 * torch.eye(p.shape[0], dtype=torch.float64)
+            X = solve(A, p @ KR)            # (d, H), in the range of P
             return X.T
 
-        deltas, z, info = spread_over_layers(lm, requests, cfg, solve_layer)
-        new_keys = keys_after(lm, requests, cfg.layers, deltas)
-        new_state = dict(state, KpKp={l: KpKp[l] + new_keys[l] @ new_keys[l].T for l in cfg.layers})
+        deltas, z, info = spread_over_layers(backend, requests, cfg, solve_layer)
+        new_kk = backend.key_moments(requests, cfg.layers, deltas)
+        new_state = dict(state, KpKp={l: KpKp[l] + new_kk[l] for l in cfg.layers})
         return EditResult(tuple(deltas), info), new_state
 
     @staticmethod

@@ -27,7 +27,7 @@ import torch
 
 from kedit_core.linalg import solve_spd
 from kedit_core.methods.base import EditConfig, hp, register
-from kedit_core.methods.common import mlp_out_stats, spread_over_layers
+from kedit_core.methods.common import LocalBackend, mlp_out_stats, spread_over_layers
 from kedit_core.types import EditResult, StatKey
 
 
@@ -65,15 +65,16 @@ class MEMIT:
     def prepare(self, lm, cfg: MemitConfig, stats) -> dict:
         return {"cfg": cfg, "C": {l: stats[lm.arch.mlp_out_site(l)].mean() for l in cfg.layers}}
 
-    def compute(self, lm, requests, state):
+    def compute(self, lm, requests, state, backend=None):
         cfg: MemitConfig = state["cfg"]
+        backend = backend or LocalBackend(lm, cfg.v_batch_size)
 
-        def solve_layer(i, layer, K, R):
-            A = cfg.mom2_update_weight * state["C"][layer].double() + K @ K.T
-            X = solve_spd(A, K @ R.T)          # (d, H)
+        def solve_layer(i, layer, KK, KR):
+            A = cfg.mom2_update_weight * state["C"][layer].double() + KK
+            X = solve_spd(A, KR)               # (d, H)
             return X.T                          # (H, d) = R K^T A^{-1}
 
-        deltas, z, info = spread_over_layers(lm, requests, cfg, solve_layer)
+        deltas, z, info = spread_over_layers(backend, requests, cfg, solve_layer)
         return EditResult(tuple(deltas), info), state
 
     @staticmethod

@@ -63,7 +63,9 @@ class ROME:
             raise BadInputError("ROME edits exactly one layer", field="layers")
         return {"cfg": cfg, "C": stats[lm.arch.mlp_out_site(cfg.layers[0])].mean()}
 
-    def compute(self, lm, requests, state):
+    def compute(self, lm, requests, state, backend=None):
+        # ROME's edits are rank-one and strictly one after another: it always runs on `lm`
+        # (in the Ray pipeline, on the driver's replica); `backend` is accepted and unused.
         cfg: RomeConfig = state["cfg"]
         layer = cfg.layers[0]
         site = lm.arch.mlp_out_site(layer)
