@@ -21,6 +21,12 @@ from kedit_core.hooks import run_until_stopped, trace
 from kedit_core.models.loader import LoadedModel
 
 
+# Texts per shard. The single-process store and the Ray stats job both cut the token lists
+# into shards of this many texts (in corpus order), compute each shard separately and merge
+# them in shard order, so the two give the same sums.
+SHARD_TEXTS = 256
+
+
 @dataclass
 class SecondMoment:
     """sum of k k^T (float64, d x d) over `count` tokens."""
@@ -90,6 +96,16 @@ def collect_second_moments(lm: LoadedModel, sites: Sequence[str], token_lists: S
             if progress:
                 progress(int(mask.sum()), len(seqs))
     return moments
+
+
+def collect_sharded(lm: LoadedModel, sites: Sequence[str], token_lists: Sequence[list[int]], *,
+                    batch_tokens: int = 4096, progress: Callable[[int, int], None] | None = None,
+                    shard_texts: int = SHARD_TEXTS) -> dict[str, SecondMoment]:
+    """collect_second_moments shard by shard (SHARD_TEXTS texts each), merged in order."""
+    parts = [collect_second_moments(lm, sites, token_lists[i:i + shard_texts], batch_tokens=batch_tokens,
+                                    progress=progress)
+             for i in range(0, len(token_lists), shard_texts)]
+    return merge_all(parts)
 
 
 def tokenize_corpus(lm: LoadedModel, texts: Iterable[str], *, max_length: int = 128,

@@ -25,7 +25,7 @@ from kedit_core.errors import BadInputError
 from kedit_core.linalg import nullspace_projector
 from kedit_core.models.loader import LoadedModel, cache_dir
 from kedit_core.stats.corpus import Corpus
-from kedit_core.stats.moments import SecondMoment, collect_second_moments, tokenize_corpus
+from kedit_core.stats.moments import SecondMoment, collect_sharded, tokenize_corpus
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class StatsStore:
         t0 = time.perf_counter()
         with tqdm(total=total, unit="tok", unit_scale=True, desc="second moments",
                   disable=not show_progress) as bar:
-            moments = collect_second_moments(
+            moments = collect_sharded(
                 lm, sites, token_lists, batch_tokens=batch_tokens,
                 progress=lambda n, _: bar.update(n))
         dt = time.perf_counter() - t0

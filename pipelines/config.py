@@ -1,0 +1,139 @@
+"""The configuration of an edit stream: one schema for `kedit edit` flags and YAML files
+(cluster_configs/jobs/*.yaml). Flags override the file. The fields that decide the weights
+form the run's identity; its hash is stored with every checkpoint, and resuming with a
+different identity is refused, naming the fields that differ."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kedit_core.errors import BadInputError
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: str = "smollm2-135m"
+    method: str = "alphaedit"
+    data: str = "builtin"                 # a dataset file, or "builtin"
+    limit: int | None = None
+    batch_size: int = 10
+    workers: int = 1                      # EditWorker actors (0: no Ray actors, edit in the driver)
+    eval_every: int = 10                  # evaluate every N edits (0: only at the start and end)
+    eval_limit: int | None = None         # evaluate "all edits so far" on at most N of them (a strided sample)
+    checkpoint_every: int = 1             # checkpoint every k batches
+    keep_checkpoints: int = 3
+    out: str | None = None
+    stats_corpus: str | None = None
+    stats_workers: int | None = None      # StatsWorker actors (default: workers, at least 1)
+    dtype: str = "fp32"
+    device: str = "auto"
+    set: dict[str, Any] = field(default_factory=dict)   # method hyper-parameters
+    perplexity_texts: int = 50
+    skip_invalid: bool = False
+    zopt_chunk: int = 64                  # requests optimised together inside a worker (bounded memory)
+    tracking_uri: str | None = None       # default: sqlite in the output directory's parent
+    experiment: str = "kedit"
+    ray_address: str | None = None        # default: the cluster of a submitted job, else a local instance
+    seed: int = 0
+
+    # The fields that decide the edited weights: a resumed run must match them.
+    IDENTITY = ("model", "method", "data", "limit", "batch_size", "stats_corpus", "dtype", "set",
+                "skip_invalid", "zopt_chunk", "seed")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+FIELDS = {f.name: f for f in fields(RunConfig)}
+
+
+def _coerce(name: str, value: Any, where: str | None) -> Any:
+    f = FIELDS[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if value is None:
+        return None
+    try:
+        if name == "set":
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        if isinstance(default, int) or name in ("limit", "eval_limit", "stats_workers"):
+            if isinstance(value, bool):
+                raise TypeError
+            return int(value)
+        return str(value)
+    except (TypeError, ValueError) as e:
+        raise BadInputError(f"cannot read {value!r} as the type of {name}", file=where, field=name) from e
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The keys of a YAML job config, validated against RunConfig (unknown keys refused)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError as e:
+        raise BadInputError("no such config file", file=str(p)) from e
+    except yaml.YAMLError as e:
+        raise BadInputError(f"not valid YAML ({' '.join(str(e).split())[:120]})", file=str(p)) from e
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise BadInputError("a job config is a mapping of option names to values", file=str(p))
+    out = {}
+    for k, v in raw.items():
+        name = str(k).replace("-", "_")
+        if name not in FIELDS:
+            raise BadInputError(f"unknown option (known: {', '.join(FIELDS)})", file=str(p), field=str(k))
+        out[name] = _coerce(name, v, str(p))
+    return out
+
+
+def build(file: str | Path | None = None, **flags: Any) -> RunConfig:
+    """File values, then flags that were given (None means not given)."""
+    values = load_yaml(file) if file else {}
+    for k, v in flags.items():
+        if v is not None:
+            values[k] = _coerce(k, v, None)
+    cfg = RunConfig(**values)
+    for name in ("batch_size", "keep_checkpoints", "checkpoint_every"):
+        if getattr(cfg, name) < 1:
+            raise BadInputError("must be at least 1", file=str(file) if file else None, field=name)
+    if cfg.workers < 0:
+        raise BadInputError("must be 0 or more", field="workers")
+    return cfg
+
+
+def identity(cfg: RunConfig, *, data_hash: str, hparams: dict) -> dict:
+    """What a checkpoint must match: the identity fields, the dataset's content hash and the
+    method's fully resolved hyper-parameters."""
+    d = {k: getattr(cfg, k) for k in RunConfig.IDENTITY}
+    d["data_hash"] = data_hash
+    d["hparams"] = hparams
+    return json.loads(json.dumps(d, sort_keys=True, default=list))
+
+
+def identity_hash(ident: dict) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'name: old -> new' for every field that differs (nested dicts flattened)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out

@@ -1,0 +1,209 @@
+"""Ray actors and the helpers that drive them. State lives in the actor (the model is loaded
+once in `__init__`); large objects are `ray.put` once; sums are accumulated inside the actor
+and returned once.
+
+`EditWorker` holds a model replica kept in step with the driver's weights: after each batch
+the driver puts the batch's dense deltas in the object store once and every worker applies
+them with the same arithmetic as the driver, so replicas stay bit-identical (a test checks
+the hashes). Each call carries the weights version it expects; a replica that is behind (an
+actor restarted after its process died) raises `StaleReplica`, and the driver sends it the
+edited sites' current weights and retries: the batch then finishes with the same result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class StaleReplica(RuntimeError):
+    """The replica's weights are not the version the driver expects."""
+
+
+def _set_threads() -> None:
+    try:
+        import ray
+
+        n = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if n:
+            torch.set_num_threads(max(1, int(n)))
+    except Exception:  # noqa: BLE001 - outside Ray: keep torch's default
+        pass
+
+
+class EditWorker:
+    """One model replica doing its share of a batch's per-request work."""
+
+    def __init__(self, model: str, dtype: str, device: str, chunk: int):
+        from kedit_core.apply import DeltaApplier
+        from kedit_core.methods.common import LocalBackend
+        from kedit_core.models import load
+
+        _set_threads()
+        logging.basicConfig(level=logging.INFO)
+        self.lm = load(model, dtype=dtype, device=device)
+        self.backend = LocalBackend(self.lm, chunk)
+        self.applier = DeltaApplier(self.lm)
+        self.version = 0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _check(self, version: int) -> None:
+        if self.version != version:
+            raise StaleReplica(f"replica at weights version {self.version}, driver at {version}")
+
+    def sync(self, version: int, deltas) -> int:
+        """Apply the deltas that take the replica from `version - 1` to `version`."""
+        if self.version == version:
+            return self.version
+        self._check(version - 1)
+        self.applier.apply(deltas)
+        self.version = version
+        return self.version
+
+    def load_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
+        """Set the edited sites to the driver's current weights (recovery of a restarted
+        replica, or a resumed stream)."""
+        arch, model = self.lm.arch, self.lm.model
+        with torch.no_grad():
+            for site, w in weights.items():
+                p = arch.weight(model, site)
+                if site not in self.applier.originals:
+                    self.applier.originals[site] = p.detach().clone()
+                p.copy_(w.to(p.device, p.dtype))
+        self.version = version
+        return version
+
+    def weights_hash(self) -> str:
+        from pipelines.checkpoint import tensors_hash
+
+        return tensors_hash(self.lm.model.state_dict())
+
+    def targets(self, version: int, requests, zcfg):
+        self._check(version)
+        return self.backend.targets(requests, zcfg)
+
+    def layer_moments(self, version: int, requests, targets, layer, last, share, applied):
+        self._check(version)
+        return self.backend.layer_moments(requests, targets, layer, last, share, applied)
+
+    def key_moments(self, version: int, requests, layers, applied):
+        self._check(version)
+        return self.backend.key_moments(requests, layers, applied)
+
+
+class RayBackend:
+    """methods.common.LocalBackend's interface, sharded over EditWorker actors: each gets a
+    contiguous share of the batch; targets are concatenated and moments added (float64) in
+    share order, so the result does not depend on which worker finishes first."""
+
+    def __init__(self, workers: list, snapshot):
+        self.workers = workers
+        self.snapshot = snapshot        # () -> {site: current weight} of the driver
+        self.version = 0
+        self.recoveries = 0
+
+    # ------------------------------------------------------------- plumbing
+    def _shares(self, requests: Sequence) -> list[tuple[object, list]]:
+        n, w = len(requests), len(self.workers)
+        bounds = [round(i * n / w) for i in range(w + 1)]
+        return [(self.workers[i], list(requests[bounds[i]:bounds[i + 1]]))
+                for i in range(w) if bounds[i + 1] > bounds[i]]
+
+    def _call(self, method: str, jobs: list[tuple[object, tuple]]) -> list:
+        """Run `method` on each (worker, args); a stale replica is given the current
+        weights and the call is repeated."""
+        import ray
+
+        refs = [getattr(w, method).remote(self.version, *args) for w, args in jobs]
+        out = []
+        for (w, args), ref in zip(jobs, refs):
+            for attempt in range(3):
+                try:
+                    out.append(ray.get(ref))
+                    break
+                except ray.exceptions.RayTaskError as e:
+                    if not isinstance(e.cause, StaleReplica) or attempt == 2:
+                        raise
+                    log.warning("worker replica is stale (%s): sending it the current weights", e.cause)
+                    self.recoveries += 1
+                    ray.get(w.load_weights.remote(self.version, ray.put(self.snapshot())))
+                    ref = getattr(w, method).remote(self.version, *args)
+        return out
+
+    def broadcast(self, deltas) -> None:
+        """After the driver applied `deltas`: bring every replica to the next version."""
+        import ray
+
+        from kedit_core.types import WeightDelta
+
+        dense = [WeightDelta(d.site, dense=d.matrix().float().contiguous()) for d in deltas]
+        ref = ray.put(dense)
+        self.version += 1
+        refs = [w.sync.remote(self.version, ref) for w in self.workers]
+        for w, r in zip(self.workers, refs):
+            try:
+                ray.get(r)
+            except ray.exceptions.RayTaskError as e:
+                if not isinstance(e.cause, StaleReplica):
+                    raise
+                self.recoveries += 1
+                ray.get(w.load_weights.remote(self.version, ray.put(self.snapshot())))
+
+    def load_all(self, version: int) -> None:
+        import ray
+
+        self.version = version
+        ref = ray.put(self.snapshot())
+        ray.get([w.load_weights.remote(version, ref) for w in self.workers])
+
+    # ------------------------------------------------------------- the backend interface
+    def targets(self, requests, zcfg):
+        from kedit_core.zopt import ZResult
+
+        parts = self._call("targets", [(w, (share, zcfg)) for w, share in self._shares(requests)])
+        return ZResult(targets=torch.cat([p.targets for p in parts]), init=torch.cat([p.init for p in parts]),
+                       losses=[x for p in parts for x in p.losses], steps=[x for p in parts for x in p.steps])
+
+    def layer_moments(self, requests, targets, layer, last, share, applied=()):
+        import ray
+
+        applied_ref = ray.put(list(applied))
+        jobs, start = [], 0
+        for w, part in self._shares(requests):
+            jobs.append((w, (part, targets[start:start + len(part)], layer, last, share, applied_ref)))
+            start += len(part)
+        parts = self._call("layer_moments", jobs)
+        KK = sum((p[0] for p in parts[1:]), parts[0][0])
+        KR = sum((p[1] for p in parts[1:]), parts[0][1])
+        return KK, KR
+
+    def key_moments(self, requests, layers, applied=()):
+        import ray
+
+        applied_ref = ray.put(list(applied))
+        parts = self._call("key_moments", [(w, (part, list(layers), applied_ref))
+                                           for w, part in self._shares(requests)])
+        return {l: sum((p[l] for p in parts[1:]), parts[0][l]) for l in layers}
+
+
+def start_edit_workers(n: int, model: str, dtype: str, device: str, chunk: int) -> list:
+    """n EditWorker actors (one GPU each when the cluster has enough, else one CPU each),
+    restarted by Ray if their process dies; their calls are retried."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = device != "cpu" and gpus >= n
+    cpus = ray.cluster_resources().get("CPU", 1)
+    per = 1 if use_gpu else max(1, int(cpus // max(n, 1)))
+    cls = ray.remote(EditWorker).options(num_cpus=per, num_gpus=1 if use_gpu else 0,
+                                         max_restarts=-1, max_task_retries=-1)
+    workers = [cls.remote(model, dtype, "cuda" if use_gpu else "cpu", chunk) for _ in range(n)]
+    ray.get([w.pid.remote() for w in workers])  # wait until every replica is loaded
+    return workers
