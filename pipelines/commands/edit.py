@@ -1,0 +1,82 @@
+"""`kedit edit`: a sequential edit stream on Ray with checkpoints and MLflow curves
+(pipelines/edit_job.py). Options come from --config FILE.yaml and flags (flags win)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("edit", help="run (or resume) an edit stream on Ray with checkpoints and MLflow")
+    p.add_argument("--config", default=None, help="YAML job config with the same keys as the flags")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the stream in RUN_DIR (its run.json supplies the config)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--method", default=None, help="rome, memit or alphaedit")
+    p.add_argument("--data", default=None, help="edit dataset file, or 'builtin'")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="EditWorker actors (0: edit in the driver)")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N edits")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N of the edits so far")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every k batches")
+    p.add_argument("--keep-checkpoints", type=int, default=None)
+    p.add_argument("--out", default=None, help="run directory (checkpoints, metrics, run.json)")
+    p.add_argument("--stats-corpus", default=None)
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="method hyper-parameter")
+    p.add_argument("--perplexity-texts", type=int, default=None)
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite in the run dir's parent)")
+    p.add_argument("--experiment", default=None)
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--skip-invalid", action="store_true", default=None)
+    p.set_defaults(func=run)
+
+
+def config_from_args(args):
+    from kedit_core.errors import BadInputError
+    from pipelines.commands.edit_local import parse_overrides
+    from pipelines.config import build
+
+    flags = {k: getattr(args, k) for k in ("model", "method", "data", "limit", "batch_size", "workers",
+                                           "eval_every", "eval_limit", "checkpoint_every", "keep_checkpoints",
+                                           "out", "stats_corpus", "dtype", "device", "perplexity_texts",
+                                           "tracking_uri", "experiment", "ray_address", "skip_invalid")}
+    file = args.config
+    if args.resume:
+        run_json = Path(args.resume) / "run.json"
+        if not run_json.is_file():
+            raise BadInputError("not a run directory (no run.json)", file=str(run_json))
+        saved = json.loads(run_json.read_text())["config"]
+        given = {k: v for k, v in flags.items() if v is not None}
+        flags = {**saved, **given, "out": str(args.resume)}
+        if args.set:
+            flags["set"] = parse_overrides(args.set)
+        return build(None, **flags)
+    if args.set:
+        flags["set"] = {**(build(file).set if file else {}), **parse_overrides(args.set)}
+    return build(file, **flags)
+
+
+def summary(console, result: dict, out: Path) -> None:
+    pre, post = result["pre"], result["post"]
+    console.print(f"\n[bold]{result['n_edits']} edits[/] ({result['config']['method']} on {result['config']['model']})")
+    for k in ("all/efficacy_score", "all/paraphrase_score", "all/neighborhood_score", "perplexity"):
+        if k in post:
+            console.print(f"  {k:<26} {pre.get(k, float('nan')):8.3f} -> {post[k]:8.3f}")
+    console.print(f"  seconds per edit           {result['seconds_per_edit']:8.2f}")
+    console.print(f"  final weights sha256       {result['weights_hash'][:16]}")
+    console.print(f"wrote {out / 'metrics.json'}, {out / 'metrics.md'}, {out / 'curves.png'}")
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from pipelines.edit_job import EditStream
+
+    cfg = config_from_args(args)
+    result = EditStream(cfg).run()
+    summary(Console(), result, Path(cfg.out))
+    return 0

@@ -1,0 +1,44 @@
+"""`kedit stats`: second-moment statistics as a Ray job (pipelines/stats_job.py)."""
+
+from __future__ import annotations
+
+from pipelines.commands import add_model_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("stats", help="compute second-moment statistics with Ray StatsWorker actors")
+    add_model_args(p)
+    p.add_argument("--method", default="alphaedit", help="whose statistics (its edited layers)")
+    p.add_argument("--layers", default=None, help="override the layers, e.g. 4,5,6,7,8")
+    p.add_argument("--corpus", default=None, help="text/JSONL/parquet file(s), a directory or hf:NAME:SPLIT")
+    p.add_argument("--samples", type=int, default=None, help="texts to use (default: the method's mom2_n_samples)")
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--ray-address", default=None)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from kedit_core.methods import get_method, make_config
+    from kedit_core.models import load
+    from kedit_core.stats import StatsStore, open_corpus
+    from pipelines.raycluster import init_ray
+    from pipelines.stats_job import run_stats
+
+    init_ray(args.ray_address)
+    lm = load(args.model, dtype=args.dtype, device=args.device)
+    method = get_method(args.method)
+    over = {"layers": args.layers} if args.layers else {}
+    cfg = make_config(method.config_cls, lm, over)
+    sites = [k.site for k in method.required_stats(cfg, lm)]
+    store = StatsStore()
+    res = run_stats(lm, sites, open_corpus(args.corpus), n_samples=args.samples or cfg.mom2_n_samples,
+                    max_length=args.max_length or cfg.mom2_max_length, workers=args.workers, store=store,
+                    model_spec=args.model, dtype=args.dtype, device=args.device)
+    tp = res.get("_throughput")
+    if tp:
+        print(f"{tp['tokens']} tokens in {tp['seconds']:.1f}s = {tp['tokens_per_s']:.0f} tokens/s "
+              f"with {args.workers} workers")
+    for s in sites:
+        print(f"{s}: {res[s].count} tokens -> {store.path(store.specs(lm, [s], open_corpus(args.corpus), n_samples=args.samples or cfg.mom2_n_samples, max_length=args.max_length or cfg.mom2_max_length)[s])}")
+    return 0

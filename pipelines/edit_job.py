@@ -1,0 +1,345 @@
+"""`kedit edit`: the sequential edit stream driver.
+
+    read dataset -> slice into sequential batches -> for each batch: target optimisation and
+    key moments spread over EditWorker actors (pipelines.workers.RayBackend), closed-form
+    solve on the driver, apply, broadcast the delta to the replicas, checkpoint, evaluate
+    at the cadence (MLflow, step = edits applied) -> final table, plots, summary.
+
+A very large batch (10,000 MEMIT requests) goes through the same path: each worker
+optimises its share in chunks of `zopt_chunk` requests and returns only sums (K K^T, K R^T),
+so memory does not grow with the batch.
+
+Resume: the run directory holds run.json (the config and its identity) and checkpoints/;
+re-running the same command, or `kedit edit --resume RUN_DIR`, continues after the last
+complete checkpoint and ends with the same weights as an uninterrupted run (a test kills the
+driver with SIGKILL and compares hashes). A different model, method, dataset or
+hyper-parameter is refused, naming the difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kedit_core.errors import BadInputError
+from pipelines.checkpoint import CheckpointManager, atomic_write_text, tensors_hash
+from pipelines.config import RunConfig, differences, identity, identity_hash
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "rewrite_acc",
+               "paraphrase_acc", "locality", "portability")
+
+
+def data_hash(path: str) -> str:
+    from kedit_core.data import builtin_path
+
+    p = builtin_path() if path == "builtin" else Path(path)
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state().tolist(), "python": repr(random.getstate()),
+            "numpy": [x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()]}
+
+
+def _set_rng(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    random.setstate(eval(state["python"], {"__builtins__": {}}))  # noqa: S307 - our own repr of a tuple
+    ns = state["numpy"]
+    np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
+
+
+def _sample(reqs: list, limit: int | None) -> list:
+    if not limit or len(reqs) <= limit:
+        return reqs
+    step = len(reqs) / limit
+    return [reqs[int(i * step)] for i in range(limit)]
+
+
+class EditStream:
+    def __init__(self, cfg: RunConfig, *, show_progress: bool = True):
+        if not cfg.out:
+            raise BadInputError("an output directory is required", field="out")
+        self.cfg, self.out, self.show_progress = cfg, Path(cfg.out), show_progress
+
+    # ---------------------------------------------------------------- set-up
+    def _requests(self) -> list:
+        from kedit_core.data import load_requests
+
+        reqs = load_requests(None if self.cfg.data == "builtin" else self.cfg.data, limit=self.cfg.limit,
+                             skip_invalid=self.cfg.skip_invalid)
+        if not reqs:
+            raise BadInputError("no edit requests to apply", file=self.cfg.data, field="data")
+        return reqs
+
+    def _check_run_dir(self, ident: dict) -> None:
+        run_json = self.out / "run.json"
+        if run_json.is_file():
+            try:
+                old = json.loads(run_json.read_text())["identity"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise BadInputError("unreadable run record", file=str(run_json)) from e
+            diff = differences(old, ident)
+            if diff:
+                raise BadInputError("this run directory holds a different stream; refusing to resume it "
+                                    f"({'; '.join(diff)[:400]}); choose another --out", file=str(run_json))
+        else:
+            atomic_write_text(run_json, json.dumps({"identity": ident, "identity_hash": identity_hash(ident),
+                                                    "config": self.cfg.to_dict()}, indent=1, default=list))
+
+    def _stats(self, lm) -> None:
+        """Missing statistics are computed by the Ray stats job before the Editor needs them."""
+        from kedit_core.methods import get_method, make_config
+        from kedit_core.stats import StatsStore, open_corpus
+        from pipelines.stats_job import run_stats
+
+        method = get_method(self.cfg.method)
+        mcfg = make_config(method.config_cls, lm, self.cfg.set)
+        sites = [k.site for k in method.required_stats(mcfg, lm)]
+        corpus = open_corpus(self.cfg.stats_corpus)
+        store = StatsStore()
+        specs = store.specs(lm, sites, corpus, n_samples=mcfg.mom2_n_samples, max_length=mcfg.mom2_max_length)
+        if all(store.path(s).is_file() for s in specs.values()):
+            return
+        workers = self.cfg.stats_workers or max(1, self.cfg.workers)
+        res = run_stats(lm, sites, corpus, n_samples=mcfg.mom2_n_samples, max_length=mcfg.mom2_max_length,
+                        workers=workers, store=store, model_spec=self.cfg.model, dtype=self.cfg.dtype,
+                        device=self.cfg.device, show_progress=self.show_progress)
+        self.stats_throughput = res.get("_throughput")
+
+    # ---------------------------------------------------------------- the stream
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        from kedit_core import Editor
+        from kedit_core.models import load
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        reqs = self._requests()
+        dhash = data_hash(cfg.data)
+        use_ray = cfg.workers > 0
+        if use_ray:
+            from pipelines.raycluster import init_ray
+
+            init_ray(cfg.ray_address)
+        lm = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        self.stats_throughput = None
+        if use_ray:
+            self._stats(lm)
+        ed = Editor(lm, cfg.method, cfg.stats_corpus, show_progress=self.show_progress, **cfg.set)
+        ident = identity(cfg, data_hash=dhash, hparams=ed.cfg.to_dict())
+        ident["model_hash"] = lm.fingerprint()
+        ihash = identity_hash(ident)
+        self._check_run_dir(ident)
+
+        batches = [reqs[i:i + cfg.batch_size] for i in range(0, len(reqs), cfg.batch_size)]
+        ckm = CheckpointManager(self.out, cfg.keep_checkpoints)
+        ck = ckm.latest()
+        rows, records, start = [], [], 0
+        if ck is not None:
+            if ck.state.get("identity_hash") != ihash:
+                diff = differences(ck.state.get("identity", {}), ident)
+                raise BadInputError(f"checkpoint belongs to a different stream ({'; '.join(diff)[:400]})",
+                                    file=str(ck.path))
+            self._restore(ed, ck)
+            rows, records = ck.state["metrics"], ck.state["batches"]
+            start = int(ck.state["cursor"]["batches"])
+            log.info("resuming after %d edits (%d of %d batches) from %s", ck.n_edits, start, len(batches), ck.path)
+        finished = start >= len(batches) and (self.out / "metrics.json").is_file()
+
+        from pipelines.tracking import Tracker
+
+        tracker = Tracker(self.out, cfg.tracking_uri, cfg.experiment)
+        from kedit_core import __version__
+
+        tracker.start(self.out.name, {**{k: v for k, v in cfg.to_dict().items() if k != "set"},
+                                      "hparams": ed.cfg.to_dict(), "data_hash": dhash,
+                                      "n_requests": len(reqs), "model_hash": lm.fingerprint()},
+                      {"kedit_version": __version__, "git_sha": git_sha(), "identity_hash": ihash})
+        self._relog(tracker, rows, records)
+        if finished:
+            log.info("stream already finished: %s", self.out / "metrics.json")
+            tracker.finish()
+            return json.loads((self.out / "metrics.json").read_text())
+
+        backend = None
+        workers = []
+        if use_ray:
+            from pipelines.workers import RayBackend, start_edit_workers
+
+            t0 = time.perf_counter()
+            workers = start_edit_workers(cfg.workers, cfg.model, cfg.dtype, cfg.device, cfg.zopt_chunk)
+            backend = RayBackend(workers, lambda: {s: ed.lm.arch.weight(ed.lm.model, s).detach().cpu().clone()
+                                                   for s in ed.applier.originals})
+            if start:
+                backend.load_all(start)
+            log.info("%d EditWorker replicas ready in %.1fs", len(workers), time.perf_counter() - t0)
+        self.backend = backend
+
+        try:
+            if start == 0 and not rows:
+                rows.append(self._evaluate(ed, reqs, batches, 0, None))
+                tracker.log_metrics(rows[-1], step=0)
+            bar = tqdm(total=len(batches), initial=start, desc=f"{cfg.method} stream", unit="batch",
+                       disable=not self.show_progress)
+            for b in range(start, len(batches)):
+                rec = ed.edit_batch(batches[b], backend)
+                if backend is not None:
+                    backend.broadcast(rec.pop("deltas"))
+                else:
+                    rec.pop("deltas")
+                edits = sum(len(x) for x in batches[:b + 1])
+                rec["edits"] = edits
+                records.append(rec)
+                per_batch = {"seconds_per_edit": rec["seconds_per_edit"], "z_loss_mean": rec["z_loss_mean"],
+                             **{f"delta_norm/{s}": float(v) for s, v in self._cumulative_norms(ed).items()}}
+                last = b == len(batches) - 1
+                row = None
+                if last or (cfg.eval_every and edits // cfg.eval_every > (edits - len(batches[b])) // cfg.eval_every):
+                    row = self._evaluate(ed, reqs, batches, b + 1, rec)
+                    rows.append(row)
+                if (b + 1) % cfg.checkpoint_every == 0 or last:
+                    self._checkpoint(ckm, ed, b + 1, edits, ident, ihash, rows, records)
+                tracker.log_metrics(per_batch, step=edits)
+                if row:
+                    tracker.log_metrics(row, step=edits)
+                bar.update(1)
+                bar.set_postfix(edits=edits, s_edit=f"{rec['seconds_per_edit']:.2f}")
+            bar.close()
+            result = self._finish(ed, tracker, reqs, rows, records)
+            tracker.finish()
+            return result
+        except BaseException:
+            tracker.finish("FAILED")
+            raise
+        finally:
+            if workers:
+                import ray
+
+                for w in workers:
+                    ray.kill(w)
+
+    # ---------------------------------------------------------------- pieces
+    @staticmethod
+    def _cumulative_norms(ed) -> dict[str, float]:
+        arch, model = ed.lm.arch, ed.lm.model
+        return {s: float((arch.weight(model, s).detach().float() - o.float()).norm())
+                for s, o in ed.applier.originals.items()}
+
+    def _evaluate(self, ed, reqs, batches, n_batches: int, rec) -> dict:
+        done = [r for b in batches[:n_batches] for r in b]
+        row: dict = {"edits": len(done), "batches": n_batches}
+        t0 = time.perf_counter()
+        if n_batches == 0:   # the unedited model on the whole stream (a sample of it)
+            m = ed.evaluate(_sample(reqs, self.cfg.eval_limit), perplexity_texts=self.cfg.perplexity_texts)
+            row.update({f"all/{k}": v for k, v in m.items() if k in METRIC_KEYS})
+        else:
+            m = ed.evaluate(_sample(done, self.cfg.eval_limit), perplexity_texts=self.cfg.perplexity_texts)
+            row.update({f"all/{k}": v for k, v in m.items() if k in METRIC_KEYS})
+            for name, part in (("latest", batches[n_batches - 1]), ("first", batches[0])):
+                mm = ed.evaluate(part)
+                row.update({f"{name}/{k}": v for k, v in mm.items() if k in METRIC_KEYS})
+        if "perplexity" in m:
+            row["perplexity"] = m["perplexity"]
+        if rec is not None:
+            row["seconds_per_edit"] = rec["seconds_per_edit"]
+        row["eval_seconds"] = time.perf_counter() - t0
+        log.info("after %d edits: %s", len(done), ", ".join(f"{k}={v:.3f}" for k, v in row.items()
+                                                           if k.startswith("all/") or k == "perplexity"))
+        return row
+
+    def _checkpoint(self, ckm, ed, n_batches, edits, ident, ihash, rows, records) -> None:
+        arch, model = ed.lm.arch, ed.lm.model
+        weights = {s: arch.weight(model, s).detach() for s in ed.applier.originals}
+        st = getattr(ed.method, "state_tensors", None)
+        state_tensors = st(ed.state) if st else {}
+        baseline = [[k[0], k[1], k[2], v] for k, v in (ed._baseline or {}).items()]
+        state = {"cursor": {"edits": edits, "batches": n_batches}, "rng": _rng_state(), "identity": ident,
+                 "identity_hash": ihash, "metrics": rows, "batches": records, "baseline": baseline,
+                 "weights_hash": tensors_hash(weights), "history": ed.history}
+        path = ckm.save(edits, weights, state_tensors, state)
+        log.info("checkpoint %s", path)
+
+    def _restore(self, ed, ck) -> None:
+        arch, model = ed.lm.arch, ed.lm.model
+        with torch.no_grad():
+            for site, w in ck.weights.items():
+                p = arch.weight(model, site)
+                ed.applier.originals[site] = p.detach().clone()
+                p.copy_(w.to(p.device, p.dtype))
+        if tensors_hash({s: arch.weight(model, s).detach() for s in ck.weights}) != ck.state["weights_hash"]:
+            raise BadInputError("restored weights do not match the checkpoint's hash", file=str(ck.path))
+        load_st = getattr(ed.method, "load_state_tensors", None)
+        if load_st and ck.state_tensors:
+            ed.state = load_st(ed.state, ck.state_tensors)
+        ed._baseline = {(c, p, a): v for c, p, a, v in ck.state["baseline"]}
+        ed.history[:] = ck.state["history"]
+        _set_rng(ck.state["rng"])
+
+    def _relog(self, tracker, rows, records) -> None:
+        """Metrics a killed driver computed into a checkpoint but had not logged yet."""
+        if not rows and not records:
+            return
+        logged = {s for s, _ in tracker.history("seconds_per_edit")}
+        for rec in records:
+            if rec["edits"] not in logged:
+                tracker.log_metrics({"seconds_per_edit": rec["seconds_per_edit"]}, step=rec["edits"])
+        logged_rows = {s for s, _ in tracker.history("all/efficacy_score")}
+        for row in rows:
+            if row["edits"] not in logged_rows:
+                tracker.log_metrics(row, step=row["edits"])
+
+    def _finish(self, ed, tracker, reqs, rows, records) -> dict:
+        from pipelines.tracking import plot_curves
+
+        arch, model = ed.lm.arch, ed.lm.model
+        weights = {s: arch.weight(model, s).detach() for s in ed.applier.originals}
+        n = sum(r["n"] for r in records)
+        result = {"config": self.cfg.to_dict(), "hparams": ed.cfg.to_dict(), "n_edits": n,
+                  "pre": rows[0], "post": rows[-1], "curve": rows,
+                  "seconds_per_edit": sum(r["seconds"] for r in records) / max(n, 1),
+                  "weights_hash": tensors_hash(weights), "model_hash": ed.lm.fingerprint(),
+                  "stats_throughput": self.stats_throughput,
+                  "worker_recoveries": getattr(self.backend, "recoveries", 0) if self.backend else 0}
+        if self.backend is not None:  # every replica must hold exactly the driver's weights
+            import ray
+
+            driver = tensors_hash(ed.lm.model.state_dict())
+            replicas = ray.get([w.weights_hash.remote() for w in self.backend.workers])
+            result["replicas_in_step"] = all(h == driver for h in replicas)
+            if not result["replicas_in_step"]:
+                log.error("a worker replica's weights differ from the driver's")
+        atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=1, default=str))
+        table = self.out / "metrics.md"
+        keys = sorted({k for r in rows for k in r if k.startswith(("all/", "first/", "latest/")) or k == "perplexity"})
+        lines = ["| edits | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for r in rows:
+            lines.append(f"| {r['edits']} | " + " | ".join(f"{r[k]:.3f}" if isinstance(r.get(k), float) else "-"
+                                                           for k in keys) + " |")
+        atomic_write_text(table, "\n".join(lines) + "\n")
+        png = plot_curves(rows, self.out / "curves.png", f"{self.cfg.method} on {self.cfg.model}")
+        for f in (self.out / "metrics.json", table, png):
+            tracker.log_artifact(f)
+        return result
