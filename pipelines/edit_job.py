@@ -149,6 +149,7 @@ class EditStream:
         if use_ray:
             self._stats(lm)
         ed = Editor(lm, cfg.method, cfg.stats_corpus, show_progress=self.show_progress, **cfg.set)
+        self.editor = ed
         ident = identity(cfg, data_hash=dhash, hparams=ed.cfg.to_dict())
         ident["model_hash"] = lm.fingerprint()
         ihash = identity_hash(ident)

@@ -1,28 +1,29 @@
-"""`kedit quickstart`: the README's main job.
+"""`kedit quickstart`: the README's main job, on Ray.
 
-Until the Ray pipeline lands it runs in one process: load the default model (dequantised
-and cached on the first run), compute the second-moment statistics (cached after the first
-run), apply built-in counterfactual edits in sequential batches, and show the completions
-and metrics before and after."""
+Starts a local Ray instance (or uses RAY_ADDRESS), then runs the edit stream of
+cluster_configs/jobs/quickstart.yaml: the default model, the built-in edit set, second
+moments by StatsWorker actors (cached after the first run), a 100-edit AlphaEdit stream in
+sequential batches of 10 over EditWorker actors with checkpoints and MLflow curves; then a
+summary table (metrics before/after, seconds per edit, completions) and the next commands.
+"""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from pipelines.commands import add_model_args
+JOB = Path(__file__).resolve().parents[2] / "cluster_configs" / "jobs" / "quickstart.yaml"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("quickstart", help="the main job: edit the default model with built-in facts")
-    add_model_args(p)
-    p.add_argument("--method", default="alphaedit", help="rome, memit or alphaedit (default: %(default)s)")
-    p.add_argument("--edits", type=int, default=20, help="built-in edits to apply (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=10)
-    p.add_argument("--show", type=int, default=6, help="facts to show (default: %(default)s)")
-    p.add_argument("--stats-corpus", default=None)
-    p.add_argument("--set", action="append", default=None, metavar="NAME=VALUE",
-                   help="method hyper-parameters (default for alphaedit: L2=1, which edits the "
-                        "built-in popular facts; see benchmarks/results/hparams_smollm2.md)")
+    p = sub.add_parser("quickstart", help="the main job: a 100-edit AlphaEdit stream on local Ray")
+    p.add_argument("--config", default=str(JOB), help="job config (default: %(default)s)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/quickstart-<time>)")
+    p.add_argument("--limit", type=int, default=None, help="edits (default: the config's 100)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--method", default=None)
+    p.add_argument("--show", type=int, default=5, help="edited facts to show (default: %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -30,44 +31,44 @@ def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from kedit_core import Editor, load_requests
+    from kedit_core.data import load_requests
     from kedit_core.generation import greedy
-
-    from pipelines.commands.edit_local import parse_overrides
+    from pipelines.config import build
+    from pipelines.edit_job import EditStream
 
     console = Console()
-    t_start = time.perf_counter()
+    t0 = time.perf_counter()
     console.rule("[bold]kedit quickstart")
-    sets = args.set if args.set is not None else (["L2=1"] if args.method == "alphaedit" else [])
-    ed = Editor(args.model, args.method, args.stats_corpus, device=args.device, dtype=args.dtype,
-                **parse_overrides(sets))
-    lm = ed.lm
-    console.print(f"model [bold]{args.model}[/] ({lm.arch.family}, {lm.n_layers} layers) from {lm.source}; "
-                  f"method [bold]{args.method}[/], layers {list(ed.cfg.layers)}, statistics: {ed.corpus.id}")
-    reqs = load_requests(limit=args.edits)
-    shown = reqs[: args.show]
-    before = greedy(lm, [r.text for r in shown], 5)
-    pre = ed.evaluate(reqs)
-    ed.edit(reqs, batch_size=args.batch_size)
-    after = greedy(lm, [r.text for r in shown], 5)
-    post = ed.evaluate(reqs)
+    out = args.out or f"runs/quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = build(args.config, out=out, limit=args.limit, workers=args.workers, model=args.model, method=args.method)
+    console.print(f"model [bold]{cfg.model}[/], method [bold]{cfg.method}[/], {cfg.limit} built-in edits in batches "
+                  f"of {cfg.batch_size}, {cfg.workers} Ray workers; run directory {out}")
+    stream = EditStream(cfg)
+    result = stream.run()
+    post, pre = result["post"], result["pre"]
 
-    t = Table(title=f"{len(reqs)} edits, {len(ed.history)} sequential batches")
-    for col in ("prompt", "before", "after", "target"):
-        t.add_column(col)
-    for r, b, a in zip(shown, before, after):
-        t.add_row(r.text, b.strip().split("\n")[0], a.strip().split("\n")[0], r.target_new)
-    console.print(t)
-    m = Table(title="metrics over all edits")
+    m = Table(title=f"{result['n_edits']} edits, metrics over all of them")
     for col in ("metric", "before", "after"):
         m.add_column(col)
-    for k in ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "locality"):
+    for k in ("all/efficacy_score", "all/paraphrase_score", "all/neighborhood_score", "all/score", "perplexity"):
         if k in post:
-            m.add_row(k, f"{pre.get(k, float('nan')):.3f}", f"{post[k]:.3f}")
-    per_edit = sum(h["seconds"] for h in ed.history) / len(reqs)
-    m.add_row("seconds per edit", "", f"{per_edit:.2f}")
+            m.add_row(k.replace("all/", ""), f"{pre.get(k, float('nan')):.3f}", f"{post[k]:.3f}")
+    m.add_row("seconds per edit", "", f"{result['seconds_per_edit']:.2f}")
     console.print(m)
-    console.print(f"done in {time.perf_counter() - t_start:.0f}s. Next: "
-                  "kedit edit-local --data FILE --limit 100 --out runs/first; "
-                  "kedit generate \"The Eiffel Tower is located in the city of\"; kedit data inspect FILE")
+    if args.show and getattr(stream, "editor", None) is not None:
+        reqs = load_requests(limit=args.show)
+        t = Table(title="edited facts (greedy completions of the edited model)")
+        for col in ("prompt", "after", "target"):
+            t.add_column(col)
+        for r, a in zip(reqs, greedy(stream.editor.lm, [r.text for r in reqs], 5)):
+            t.add_row(r.text, a.strip().split("\n")[0], r.target_new)
+        console.print(t)
+    wall = time.perf_counter() - t0
+    console.print(f"done in {wall:.0f}s. Next:\n"
+                  f"  kedit ui --runs {Path(out).parent}            # degradation curves in MLflow (127.0.0.1:5000)\n"
+                  f"  kedit export {out} --to exported        # the edited model in HF format\n"
+                  f"  kedit edit --resume {out}               # continue / resume a stream\n"
+                  "  ray start --head && ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
+                  "kedit edit --config cluster_configs/jobs/quickstart.yaml")
+    (Path(out) / "quickstart.json").write_text(__import__("json").dumps({"wall_seconds": wall}))
     return 0
