@@ -227,3 +227,34 @@ def test_dockerfiles_lint_and_parse():
 
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
     assert {"ray-head", "ray-worker"} <= set(compose["services"])
+
+
+def test_kedit_ui_serves_the_store_on_localhost(tmp_path):
+    import socket
+    import urllib.request
+
+    from pipelines.tracking import Tracker
+
+    runs = tmp_path / "runs"
+    tr = Tracker(runs / "a", None)
+    tr.start("a", {"model": "m"}, {})
+    tr.log_metrics({"all/efficacy_score": 0.5}, step=10)
+    assert tr.history("all/efficacy_score") == [(10, 0.5)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--runs", str(runs), "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, body = time.time() + 120, ""
+        while time.time() < deadline:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read().decode()
+                break
+            except OSError:
+                time.sleep(1)
+        assert body.strip() == "OK"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert cli(["ui", "--runs", str(tmp_path / "empty")]) == 2
