@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import SHARED, peak_rss_mb, write  # noqa: E402
+from benchmarks.common import SHARED, peak_rss_mb, run_child, write  # noqa: E402
 
 DATA = SHARED / "counterfact" / "counterfact_portability_gpt4.json"
 
@@ -61,15 +60,9 @@ def main() -> None:
     for method in args.methods.split(","):
         for z in args.zopt.split(","):
             v_batch = 0 if z == "batched" else 1
-            cmd = [sys.executable, __file__, "--one", f"{method}:{v_batch}", "--n", str(args.n),
-                   "--batch-size", str(args.batch_size), "--model", args.model, "--set", args.set]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-            if not line:
-                print(out.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{method}/{z} failed")
-            rows.append(json.loads(line[0][7:]))
-            print(rows[-1], flush=True)
+            rows.append(run_child(__file__, ["--one", f"{method}:{v_batch}", "--n", str(args.n), "--batch-size",
+                                             str(args.batch_size), "--model", args.model, "--set", args.set],
+                                  f"{method}/{z}"))
     tag = args.methods.replace(",", "-") + ("" if args.set == "{}" else "_" + "_".join(
         f"{k}{v}" for k, v in sorted(json.loads(args.set).items())))
     write(f"edits_{args.model}_{tag}_{args.n}x{args.batch_size}", rows,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import SHARED, write  # noqa: E402
+from benchmarks.common import SHARED, run_child, write  # noqa: E402
 
 DATA = SHARED / "counterfact" / "counterfact_portability_gpt4.json"
 
@@ -76,15 +75,8 @@ def main() -> None:
         return
     rows = []
     for job in ["stats:1", "stats:2", "edit:0", "edit:1", "edit:2"]:
-        out = subprocess.run([sys.executable, __file__, "--one", job, "--texts", str(args.texts), "--edits",
-                              str(args.edits), "--batch-size", str(args.batch_size)],
-                             capture_output=True, text=True, cwd=ROOT)
-        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-        if not line:
-            print(out.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{job} failed")
-        rows.append(json.loads(line[0][7:]))
-        print(rows[-1], flush=True)
+        rows.append(run_child(__file__, ["--one", job, "--texts", str(args.texts), "--edits", str(args.edits),
+                                         "--batch-size", str(args.batch_size)], job))
     write("pipeline_smollm2-135m", rows,
           ["what", "workers", "tokens_per_s", "tokens", "compute_s", "s_per_edit", "edits", "efficacy",
            "wall_s_incl_actor_start", "wall_s_incl_eval_and_start"],

@@ -42,3 +42,20 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
     return "" if v is None else str(v)
+
+
+def run_child(script: str, args: list[str], label: str) -> dict:
+    """Run `script --one ...` in a fresh process (clean timings and peak memory) and return
+    the row it prints as `RESULT {json}`."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    if not line:
+        print(out.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{label} failed")
+    row = json.loads(line[0][7:])
+    print(row, flush=True)
+    return row
