@@ -59,13 +59,15 @@ def git_sha() -> str:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state().tolist(), "python": repr(random.getstate()),
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state().tolist(), "python": [version, list(internal), gauss],
             "numpy": [x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()]}
 
 
 def _set_rng(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    random.setstate(eval(state["python"], {"__builtins__": {}}))  # noqa: S307 - our own repr of a tuple
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     ns = state["numpy"]
     np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
 

@@ -32,13 +32,15 @@ def run(args) -> int:
     cfg = make_config(method.config_cls, lm, over)
     sites = [k.site for k in method.required_stats(cfg, lm)]
     store = StatsStore()
-    res = run_stats(lm, sites, open_corpus(args.corpus), n_samples=args.samples or cfg.mom2_n_samples,
-                    max_length=args.max_length or cfg.mom2_max_length, workers=args.workers, store=store,
-                    model_spec=args.model, dtype=args.dtype, device=args.device)
+    corpus = open_corpus(args.corpus)
+    kw = dict(n_samples=args.samples or cfg.mom2_n_samples, max_length=args.max_length or cfg.mom2_max_length)
+    res = run_stats(lm, sites, corpus, workers=args.workers, store=store, model_spec=args.model,
+                    dtype=args.dtype, device=args.device, **kw)
     tp = res.get("_throughput")
     if tp:
         print(f"{tp['tokens']} tokens in {tp['seconds']:.1f}s = {tp['tokens_per_s']:.0f} tokens/s "
               f"with {args.workers} workers")
+    specs = store.specs(lm, sites, corpus, **kw)
     for s in sites:
-        print(f"{s}: {res[s].count} tokens -> {store.path(store.specs(lm, [s], open_corpus(args.corpus), n_samples=args.samples or cfg.mom2_n_samples, max_length=args.max_length or cfg.mom2_max_length)[s])}")
+        print(f"{s}: {res[s].count} tokens -> {store.path(specs[s])}")
     return 0
