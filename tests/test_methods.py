@@ -80,14 +80,17 @@ def test_batched_and_per_request_target_optimisation_agree(reqs):
 @pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2", "tiny-random-gptneox"])
 @pytest.mark.parametrize("where", ["block", "mlp.out"])
 def test_cached_suffix_replay_equals_full_passes(name, where, reqs):
+    """In float64: the replay reorders float32 sums, which Adam's normalisation amplifies to
+    ~1e-4 relative on some prompts; in float64 the two must agree to rounding."""
     lm = load(name, device="cpu")
+    lm.model.double()
     tm = context_templates(lm)
     cfg = ZOptConfig(layer=1, where=where, steps=6)
     fast = optimize_targets(lm, reqs, cfg, tm, mode="suffix")
     full = optimize_targets(lm, reqs, cfg, tm, mode="full")
     assert fast.steps == full.steps
     rel = (fast.targets - full.targets).norm(dim=1) / (full.targets - full.init).norm(dim=1)
-    assert float(rel.max()) < 1e-4
+    assert float(rel.max()) < 1e-9
 
 
 def test_early_stopped_request_is_frozen(lm, reqs):

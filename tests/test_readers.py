@@ -210,6 +210,10 @@ def test_builtin_set_is_complete_and_valid():
         assert len(r.paraphrase_prompts) == 2 and all(r.subject in p for p in r.paraphrase_prompts)
         assert len(r.neighborhood) == 5
         assert all(n.answer and r.subject not in n.prompt for n in r.neighborhood)
+    # Neighbours are never edited by the set itself, so a whole-set stream's locality
+    # measures damage, not the set's own later edits.
+    edited = {r.text for r in reqs}
+    assert not [n.prompt for r in reqs for n in r.neighborhood if n.prompt in edited]
     eiffel = [r for r in reqs if r.subject == "The Eiffel Tower"]
     assert eiffel and eiffel[0].target_new == "Rome" and eiffel[0].target_true == "Paris"
 

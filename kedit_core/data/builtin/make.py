@@ -7,8 +7,12 @@ Each relation has a rewrite template, two paraphrase templates and true facts wr
 us. A fact is kept when the model ranks its true answer's first token first after the
 rewrite prompt (it "knows" it). Each edit's target_new is the true object of another
 subject of the same relation (a counterfactual, as in CounterFact); its five neighbourhood
-prompts are the rewrite template on five other subjects of that relation, with their true
-answers (CounterFact's neighbourhood construction, Meng et al. 2202.05262 section 3).
+prompts are the rewrite template on five other known subjects of that relation, with their
+true answers (CounterFact's neighbourhood construction, Meng et al. 2202.05262 section 3).
+Deviation: the neighbours come from a held-out pool of NEIGHBOUR_POOL subjects per relation
+that the set never edits, so locality over a whole-set stream is not confounded by the
+stream's own edits (in the full CounterFact such overlaps are rare; in a set of ~100 they
+were all of them).
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ RELATIONS: dict[str, tuple[str, tuple[str, str], list[tuple[str, str]]]] = {
         ("Syria", "Damascus"), ("Lebanon", "Beirut"), ("Nepal", "Kathmandu"), ("Vietnam", "Hanoi"),
         ("Morocco", "Rabat"), ("Ghana", "Accra"), ("Iceland", "Reykjavik"), ("Wales", "Cardiff"),
         ("Mexico", "Mexico City"), ("Ukraine", "Kyiv"), ("Pakistan", "Islamabad"),
+        ("New Zealand", "Wellington"), ("the Netherlands", "Amsterdam"), ("India", "New Delhi"),
+        ("Brazil", "Brasilia"), ("Bulgaria", "Sofia"), ("Serbia", "Belgrade"), ("Croatia", "Zagreb"),
+        ("Ethiopia", "Addis Ababa"), ("Afghanistan", "Kabul"), ("Malaysia", "Kuala Lumpur"),
+        ("Bangladesh", "Dhaka"), ("Uruguay", "Montevideo"), ("Ecuador", "Quito"), ("Tunisia", "Tunis"),
+        ("Libya", "Tripoli"), ("Sudan", "Khartoum"), ("Uganda", "Kampala"), ("Jordan", "Amman"),
+        ("Estonia", "Tallinn"), ("Latvia", "Riga"), ("Lithuania", "Vilnius"), ("Slovakia", "Bratislava"),
+        ("Senegal", "Dakar"), ("North Korea", "Pyongyang"), ("Taiwan", "Taipei"), ("Qatar", "Doha"),
     ]),
     "landmark_city": ("{} is located in the city of", ("{} stands in the city of", "You can visit {} in the city of"), [
         ("The Eiffel Tower", "Paris"), ("The Colosseum", "Rome"), ("Big Ben", "London"),
@@ -56,6 +67,11 @@ RELATIONS: dict[str, tuple[str, tuple[str, str], list[tuple[str, str]]]] = {
         ("The Burj Khalifa", "Dubai"), ("Central Park", "New York"), ("The Rialto Bridge", "Venice"),
         ("The Prado Museum", "Madrid"), ("The Alhambra", "Granada"), ("Wall Street", "New York"),
         ("The Willis Tower", "Chicago"), ("The Gateway Arch", "St. Louis"),
+        ("The Atomium", "Brussels"), ("The Blue Mosque", "Istanbul"), ("The Hollywood Sign", "Los Angeles"),
+        ("Christ the Redeemer", "Rio de Janeiro"), ("The Reichstag", "Berlin"),
+        ("The Uffizi Gallery", "Florence"), ("St. Peter's Basilica", "Rome"), ("The Charles Bridge", "Prague"),
+        ("The Hermitage Museum", "Saint Petersburg"), ("The Little Mermaid statue", "Copenhagen"),
+        ("The Smithsonian", "Washington"), ("Trafalgar Square", "London"), ("The Bund", "Shanghai"),
     ]),
     "city_country": ("{} is located in the country of", ("{} is a city in", "The city of {} lies in"), [
         ("Paris", "France"), ("Tokyo", "Japan"), ("Rome", "Italy"), ("Berlin", "Germany"),
@@ -71,6 +87,11 @@ RELATIONS: dict[str, tuple[str, tuple[str, str], list[tuple[str, str]]]] = {
         ("Vancouver", "Canada"), ("Delhi", "India"), ("Lyon", "France"), ("Naples", "Italy"),
         ("Seville", "Spain"), ("Florence", "Italy"), ("Krakow", "Poland"), ("Porto", "Portugal"),
         ("Montreal", "Canada"), ("Kolkata", "India"), ("Alexandria", "Egypt"),
+        ("Frankfurt", "Germany"), ("Geneva", "Switzerland"), ("Zurich", "Switzerland"),
+        ("Amsterdam", "the Netherlands"), ("Rio de Janeiro", "Brazil"), ("Sao Paulo", "Brazil"),
+        ("Buenos Aires", "Argentina"), ("Seoul", "South Korea"), ("Hanoi", "Vietnam"),
+        ("Tehran", "Iran"), ("Karachi", "Pakistan"), ("Chicago", "the United States"),
+        ("Los Angeles", "the United States"), ("Bogota", "Colombia"), ("Lima", "Peru"),
     ]),
     "language": ("The official language of {} is", ("People in {} speak", "In {}, most people speak"), [
         ("France", "French"), ("Germany", "German"), ("Italy", "Italian"), ("Spain", "Spanish"),
@@ -81,6 +102,11 @@ RELATIONS: dict[str, tuple[str, tuple[str, str], list[tuple[str, str]]]] = {
         ("Finland", "Finnish"), ("Hungary", "Hungarian"), ("Argentina", "Spanish"),
         ("Norway", "Norwegian"), ("Denmark", "Danish"), ("Iran", "Persian"), ("Vietnam", "Vietnamese"),
         ("Colombia", "Spanish"), ("Austria", "German"), ("Peru", "Spanish"), ("Saudi Arabia", "Arabic"),
+        ("Ukraine", "Ukrainian"), ("Thailand", "Thai"), ("Indonesia", "Indonesian"), ("Chile", "Spanish"),
+        ("Cuba", "Spanish"), ("Romania", "Romanian"), ("the Czech Republic", "Czech"),
+        ("Iceland", "Icelandic"), ("Bulgaria", "Bulgarian"), ("Serbia", "Serbian"),
+        ("Croatia", "Croatian"), ("Pakistan", "Urdu"), ("Bangladesh", "Bengali"), ("Malaysia", "Malay"),
+        ("England", "English"), ("Australia", "English"), ("Venezuela", "Spanish"),
     ]),
     "continent": ("{} is located in the continent of", ("{} is part of the continent of", "Geographically, {} belongs to the continent of"), [
         ("Kenya", "Africa"), ("France", "Europe"), ("Japan", "Asia"), ("Nigeria", "Africa"),
@@ -88,6 +114,10 @@ RELATIONS: dict[str, tuple[str, tuple[str, str], list[tuple[str, str]]]] = {
         ("Italy", "Europe"), ("Ghana", "Africa"), ("Thailand", "Asia"), ("Poland", "Europe"),
         ("Vietnam", "Asia"), ("Ethiopia", "Africa"), ("Spain", "Europe"), ("Mongolia", "Asia"),
         ("Uganda", "Africa"), ("Norway", "Europe"), ("Tanzania", "Africa"), ("Sweden", "Europe"),
+        ("Brazil", "South America"), ("Argentina", "South America"), ("Peru", "South America"),
+        ("Chile", "South America"), ("Colombia", "South America"), ("Canada", "North America"),
+        ("Mexico", "North America"), ("Morocco", "Africa"), ("Greece", "Europe"), ("Indonesia", "Asia"),
+        ("Austria", "Europe"), ("Pakistan", "Asia"), ("Zambia", "Africa"), ("Nepal", "Asia"),
     ]),
     "maker": ("{} is a product made by", ("{} was developed by the company", "The company behind {} is"), [
         ("The iPhone", "Apple"), ("Windows", "Microsoft"), ("The PlayStation", "Sony"),
@@ -98,24 +128,49 @@ RELATIONS: dict[str, tuple[str, tuple[str, str], list[tuple[str, str]]]] = {
 }
 
 
-def build(seed: int = 0) -> list[dict]:
-    """All candidate edits of the fact table, in CounterFact (ROME) record format."""
+# Subjects per relation that appear only in neighbourhood prompts and are never edited, so
+# that a stream over the whole set measures damage to facts nobody asked to change (with
+# neighbours drawn from edited subjects, a later edit of a neighbour's subject counts as a
+# locality failure of an earlier one). Distinct objects, so >= 5 remain for any target.
+NEIGHBOUR_POOL = 6
+
+
+def _split(rel: str, facts: list[tuple[str, str]], rng: random.Random):
+    """(edited facts, neighbour pool) of one relation."""
+    order = list(facts)
+    rng.shuffle(order)
+    pool, objs = [], set()
+    for s, o in order:
+        if len(pool) < NEIGHBOUR_POOL and o not in objs and s != "The Eiffel Tower":
+            pool.append((s, o))
+            objs.add(o)
+    return [f for f in facts if f not in pool], pool
+
+
+def build(known: set[tuple[str, str]] | None = None, seed: int = 0) -> list[dict]:
+    """The edits of the fact table in CounterFact (ROME) record format; `known` holds the
+    (subject, relation) pairs to keep (all when None)."""
     rng = random.Random(seed)
     out = []
     for rel, (template, paras, facts) in RELATIONS.items():
         objects = sorted({o for _, o in facts})
-        for i, (subject, true) in enumerate(facts):
+        kept = [f for f in facts if known is None or (f[0], rel) in known]
+        edited, pool = _split(rel, kept, rng)
+        if len(pool) < NEIGHBOUR_POOL:
+            continue
+        for subject, true in edited:
+            i = facts.index((subject, true))
             choices = [o for o in objects if o != true]
             new = "Rome" if subject == "The Eiffel Tower" else rng.choice(choices)
-            others = [(s, o) for s, o in facts if s != subject and o != new]
-            rng.shuffle(others)
+            nb = [(s, o) for s, o in pool if o != new]
+            rng.shuffle(nb)
             out.append({
                 "case_id": f"{rel}-{i:02d}",
                 "requested_rewrite": {"prompt": template, "subject": subject, "relation_id": rel,
                                       "target_new": {"str": new}, "target_true": {"str": true}},
                 "paraphrase_prompts": [p.replace("{}", subject) for p in paras],
-                "neighborhood_prompts": [template.replace("{}", s) for s, _ in others[:5]],
-                "neighborhood_answers": [o for _, o in others[:5]],
+                "neighborhood_prompts": [template.replace("{}", s) for s, _ in nb[:5]],
+                "neighborhood_answers": [o for _, o in nb[:5]],
                 "attribute_prompts": [], "generation_prompts": [
                     template.replace("{}", subject), paras[0].replace("{}", subject)],
             })
@@ -131,37 +186,16 @@ def main(argv=None) -> None:
     from kedit_core.generation import first_token_ranks
     from kedit_core.models import load
 
-    recs = build()
-    lm = load(args.model, device="cpu")
-    rw = [r["requested_rewrite"] for r in recs]
-    ranks = first_token_ranks(lm, [x["prompt"].replace("{}", x["subject"]) for x in rw],
-                              [x["target_true"]["str"] for x in rw])
-    known = {(x["subject"], x["relation_id"]) for x, k in zip(rw, ranks) if k == 0}
-    kept = []
-    for rec, rank in zip(recs, ranks):
-        if rank != 0 and not args.all:
-            continue
-        # Neighbourhood prompts only on subjects the model also knows.
-        rel = rec["requested_rewrite"]["relation_id"]
-        nb = [(p, a) for p, a, s in _neighbours(rec) if (s, rel) in known]
-        rec["neighborhood_prompts"] = [p for p, _ in nb[:5]]
-        rec["neighborhood_answers"] = [a for _, a in nb[:5]]
-        if len(nb) >= 5:
-            kept.append(rec)
+    facts = [(rel, t, s, o) for rel, (t, _, fs) in RELATIONS.items() for s, o in fs]
+    known = None
+    if not args.all:
+        lm = load(args.model, device="cpu")
+        ranks = first_token_ranks(lm, [t.replace("{}", s) for _, t, s, _ in facts], [o for *_, o in facts])
+        known = {(s, rel) for (rel, _, s, _), k in zip(facts, ranks) if k == 0}
+        print(f"{len(known)}/{len(facts)} true answers ranked first by {args.model}")
+    kept = build(known)
     Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in kept))
-    print(f"{sum(k == 0 for k in ranks)}/{len(ranks)} true answers ranked first by {args.model}; "
-          f"wrote {len(kept)} edits to {args.out}")
-
-
-def _neighbours(rec):
-    rel = rec["requested_rewrite"]["relation_id"]
-    template, _, facts = RELATIONS[rel]
-    subject = rec["requested_rewrite"]["subject"]
-    new = rec["requested_rewrite"]["target_new"]["str"]
-    rng = random.Random(rec["case_id"])
-    others = [(template.replace("{}", s), o, s) for s, o in facts if s != subject and o != new]
-    rng.shuffle(others)
-    return others
+    print(f"wrote {len(kept)} edits to {args.out}")
 
 
 if __name__ == "__main__":
