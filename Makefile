@@ -17,13 +17,19 @@ $(BIN)/kedit: pyproject.toml
 
 install: $(BIN)/kedit
 
+# The tests also cover the optional DeepSpeed ZeRO-3 path (torch stays pinned: the
+# project's own requirement is in the same resolution).
+$(VENV)/.test-extras: $(BIN)/kedit
+	$(BIN)/python -m pip install -q -e '.[dev,deepspeed]'
+	touch $@
+
 quickstart: install
 	$(BIN)/kedit quickstart
 
-test: install
+test: $(VENV)/.test-extras
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: $(VENV)/.test-extras
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean-venv:

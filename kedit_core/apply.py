@@ -22,34 +22,63 @@ from kedit_core.models.loader import LoadedModel
 from kedit_core.types import WeightDelta
 
 
+@contextlib.contextmanager
+def full_weights(lm: LoadedModel, sites: Iterable[str], *, modify: bool = False
+                 ) -> Iterator[dict[str, torch.nn.Parameter]]:
+    """{site: weight parameter} with its full value inside the block. For a ZeRO-3 model the
+    partitions are gathered (and, with `modify`, what is written is partitioned again on
+    exit); otherwise the parameters are yielded as they are. Every read or write of an edited
+    weight goes through here."""
+    params = {s: lm.arch.weight(lm.model, s) for s in dict.fromkeys(sites)}
+    if not lm.zero3:
+        yield params
+        return
+    from kedit_core.models.zero3 import gathered
+
+    with gathered(list(params.values()), modify):
+        yield params
+
+
+def read_weights(lm: LoadedModel, sites: Iterable[str], device: str | None = None) -> dict[str, torch.Tensor]:
+    """Copies of the sites' current weights (on `device`, or where they are)."""
+    with full_weights(lm, sites) as ws:
+        return {s: w.detach().to(device or w.device).clone() for s, w in ws.items()}
+
+
+def write_weights(lm: LoadedModel, weights: dict[str, torch.Tensor]) -> None:
+    """Set the sites' weights to these values (cast to each parameter's device and dtype)."""
+    with full_weights(lm, weights, modify=True) as ws, torch.no_grad():
+        for s, w in ws.items():
+            w.copy_(weights[s].to(w.device, w.dtype))
+
+
 class DeltaApplier:
     def __init__(self, lm: LoadedModel):
         self.lm = lm
         self.originals: dict[str, torch.Tensor] = {}
 
     def apply(self, deltas: Iterable[WeightDelta]) -> None:
-        arch, model = self.lm.arch, self.lm.model
-        for d in deltas:
-            w = arch.weight(model, d.site)
-            if d.site not in self.originals:
-                self.originals[d.site] = w.detach().clone()
-            m = d.matrix().to(device=w.device, dtype=torch.float32)
-            with torch.no_grad():
-                w.copy_((w.float() + arch.from_out_in(m)).to(w.dtype))
+        deltas = list(deltas)
+        arch = self.lm.arch
+        with full_weights(self.lm, [d.site for d in deltas], modify=True) as ws:
+            for d in deltas:
+                w = ws[d.site]
+                if d.site not in self.originals:
+                    self.originals[d.site] = w.detach().clone()
+                m = d.matrix().to(device=w.device, dtype=torch.float32)
+                with torch.no_grad():
+                    w.copy_((w.float() + arch.from_out_in(m)).to(w.dtype))
 
     def revert(self) -> None:
-        arch, model = self.lm.arch, self.lm.model
-        with torch.no_grad():
-            for site, orig in self.originals.items():
-                arch.weight(model, site).copy_(orig)
+        write_weights(self.lm, self.originals)
         self.originals.clear()
 
     def cumulative(self) -> list[WeightDelta]:
         """Current weights minus originals, per touched site, as dense (out, in) deltas."""
-        arch, model = self.lm.arch, self.lm.model
-        return [WeightDelta(site, dense=arch.as_out_in(arch.weight(model, site).detach().float()
-                                                       - orig.float()).contiguous())
-                for site, orig in self.originals.items()]
+        arch = self.lm.arch
+        with full_weights(self.lm, self.originals) as ws:
+            return [WeightDelta(site, dense=arch.as_out_in(ws[site].detach().float() - orig.float()).contiguous())
+                    for site, orig in self.originals.items()]
 
 
 @contextlib.contextmanager

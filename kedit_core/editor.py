@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kedit_core.apply import DeltaApplier, save_deltas
+from kedit_core.apply import DeltaApplier, read_weights, save_deltas, write_weights
 from kedit_core.evaluate import baseline_predictions, evaluate_requests, heldout_texts, perplexity
 from kedit_core.methods import get_method, make_config
 from kedit_core.models import LoadedModel, load
@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 class Editor:
     def __init__(self, model: str | LoadedModel = "smollm2-135m", method: str = "alphaedit",
                  stats_corpus: str | None = None, *, device: str = "auto", dtype: str = "fp32",
-                 stats_dir: str | None = None, show_progress: bool = True, **overrides):
-        self.lm = model if isinstance(model, LoadedModel) else load(model, dtype=dtype, device=device)
+                 stats_dir: str | None = None, show_progress: bool = True, zero3: bool = False,
+                 ds_config=None, **overrides):
+        self.lm = model if isinstance(model, LoadedModel) else load(model, dtype=dtype, device=device,
+                                                                      zero3=zero3, ds_config=ds_config)
         self.method = get_method(method)
         self.cfg = make_config(self.method.config_cls, self.lm, overrides)
         self.corpus = open_corpus(stats_corpus)
@@ -101,8 +103,7 @@ class Editor:
                "config": self.cfg.to_dict(), "n_edits": self.n_edits, "corpus": self.corpus.id}
         save_deltas(directory, self.applier.cumulative(), cfg)
         if export_model:
-            self.lm.model.save_pretrained(directory / "model", safe_serialization=True)
-            self.lm.tokenizer.save_pretrained(directory / "model")
+            save_model(self.lm, directory / "model")
         return directory
 
     def revert(self) -> None:
@@ -112,21 +113,24 @@ class Editor:
         self.history.clear()
 
 
+def save_model(lm: LoadedModel, directory: str | Path) -> None:
+    """The model and tokenizer in HF format (a ZeRO-3 model's parameters gathered one at a
+    time)."""
+    from kedit_core.models.loader import iter_full_state
+
+    state = dict(iter_full_state(lm)) if lm.zero3 else None
+    lm.model.save_pretrained(directory, safe_serialization=True, state_dict=state)
+    lm.tokenizer.save_pretrained(directory)
+
+
 def baseline_predictions_unedited(ed: Editor, batch: Sequence[EditRequest]) -> dict:
     """Greedy neighbourhood predictions with every edit so far reverted (the unedited model)."""
-    from kedit_core.apply import temporarily_applied
-
     if not ed.applier.originals:
         return baseline_predictions(ed.lm, batch)
     # Swap the original weights in, predict, swap the edited ones back.
-    arch, model = ed.lm.arch, ed.lm.model
-    edited = {s: arch.weight(model, s).detach().clone() for s in ed.applier.originals}
+    edited = read_weights(ed.lm, ed.applier.originals)
     try:
-        with torch.no_grad():
-            for s, w in ed.applier.originals.items():
-                arch.weight(model, s).copy_(w)
+        write_weights(ed.lm, ed.applier.originals)
         return baseline_predictions(ed.lm, batch)
     finally:
-        with torch.no_grad():
-            for s, w in edited.items():
-                arch.weight(model, s).copy_(w)
+        write_weights(ed.lm, edited)

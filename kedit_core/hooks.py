@@ -44,9 +44,13 @@ def trace(modules: Mapping[str, nn.Module], *, inputs: bool = False, outputs: bo
     """Record the (first positional) input and/or output of each named module.
 
     `stop_after`: raise StopForward once that module has run; wrap the forward call in
-    `run_until_stopped`. `on_input(name, x)`: a callback instead of storing (for streaming
-    accumulation over a large corpus without keeping activations).
+    `run_until_stopped`. Not on a ZeRO-3-partitioned model: leaving its forward by an
+    exception would leave the gathered layers marked in use, so its forward runs to the end.
+    `on_input(name, x)`: a callback instead of storing (for streaming accumulation over a
+    large corpus without keeping activations).
     """
+    if stop_after is not None and any(hasattr(next(m.parameters(), None), "ds_id") for m in modules.values()):
+        stop_after = None
     rec = Trace()
     handles = []
 

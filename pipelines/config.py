@@ -40,6 +40,8 @@ class RunConfig:
     experiment: str = "kedit"
     ray_address: str | None = None        # default: the cluster of a submitted job, else a local instance
     seed: int = 0
+    zero3: bool = False                   # replicas partitioned by DeepSpeed ZeRO-3 (optional extra)
+    ds_config: str | None = None          # DeepSpeed JSON for zero3 (default: kedit_core.models.zero3)
 
     # The fields that decide the edited weights: a resumed run must match them.
     IDENTITY = ("model", "method", "data", "limit", "batch_size", "stats_corpus", "dtype", "set",

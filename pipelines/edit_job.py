@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kedit_core.apply import read_weights, write_weights
 from kedit_core.errors import BadInputError
+from kedit_core.models.loader import iter_full_state
 from pipelines.checkpoint import CheckpointManager, atomic_write_text, tensors_hash
 from pipelines.config import RunConfig, differences, identity, identity_hash
 
@@ -127,7 +129,8 @@ class EditStream:
         workers = self.cfg.stats_workers or max(1, self.cfg.workers)
         res = run_stats(lm, sites, corpus, n_samples=mcfg.mom2_n_samples, max_length=mcfg.mom2_max_length,
                         workers=workers, store=store, model_spec=self.cfg.model, dtype=self.cfg.dtype,
-                        device=self.cfg.device, show_progress=self.show_progress)
+                        device=self.cfg.device, show_progress=self.show_progress,
+                        zero3=self.cfg.zero3, ds_config=self.cfg.ds_config)
         self.stats_throughput = res.get("_throughput")
 
     # ---------------------------------------------------------------- the stream
@@ -146,7 +149,7 @@ class EditStream:
             from pipelines.raycluster import init_ray
 
             init_ray(cfg.ray_address)
-        lm = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        lm = load(cfg.model, dtype=cfg.dtype, device=cfg.device, zero3=cfg.zero3, ds_config=cfg.ds_config)
         self.stats_throughput = None
         if use_ray:
             self._stats(lm)
@@ -193,9 +196,9 @@ class EditStream:
             from pipelines.workers import RayBackend, start_edit_workers
 
             t0 = time.perf_counter()
-            workers = start_edit_workers(cfg.workers, cfg.model, cfg.dtype, cfg.device, cfg.zopt_chunk)
-            backend = RayBackend(workers, lambda: {s: ed.lm.arch.weight(ed.lm.model, s).detach().cpu().clone()
-                                                   for s in ed.applier.originals})
+            workers = start_edit_workers(cfg.workers, cfg.model, cfg.dtype, cfg.device, cfg.zopt_chunk,
+                                         zero3=cfg.zero3, ds_config=cfg.ds_config)
+            backend = RayBackend(workers, lambda: read_weights(ed.lm, ed.applier.originals, "cpu"))
             if start:
                 backend.load_all(start)
             log.info("%d EditWorker replicas ready in %.1fs", len(workers), time.perf_counter() - t0)
@@ -247,9 +250,8 @@ class EditStream:
     # ---------------------------------------------------------------- pieces
     @staticmethod
     def _cumulative_norms(ed) -> dict[str, float]:
-        arch, model = ed.lm.arch, ed.lm.model
-        return {s: float((arch.weight(model, s).detach().float() - o.float()).norm())
-                for s, o in ed.applier.originals.items()}
+        cur = read_weights(ed.lm, ed.applier.originals)
+        return {s: float((cur[s].float() - o.float()).norm()) for s, o in ed.applier.originals.items()}
 
     def _evaluate(self, ed, reqs, batches, n_batches: int, rec) -> dict:
         done = [r for b in batches[:n_batches] for r in b]
@@ -274,8 +276,7 @@ class EditStream:
         return row
 
     def _checkpoint(self, ckm, ed, n_batches, edits, ident, ihash, rows, records) -> None:
-        arch, model = ed.lm.arch, ed.lm.model
-        weights = {s: arch.weight(model, s).detach() for s in ed.applier.originals}
+        weights = read_weights(ed.lm, ed.applier.originals)
         st = getattr(ed.method, "state_tensors", None)
         state_tensors = st(ed.state) if st else {}
         baseline = [[k[0], k[1], k[2], v] for k, v in (ed._baseline or {}).items()]
@@ -286,13 +287,9 @@ class EditStream:
         log.info("checkpoint %s", path)
 
     def _restore(self, ed, ck) -> None:
-        arch, model = ed.lm.arch, ed.lm.model
-        with torch.no_grad():
-            for site, w in ck.weights.items():
-                p = arch.weight(model, site)
-                ed.applier.originals[site] = p.detach().clone()
-                p.copy_(w.to(p.device, p.dtype))
-        if tensors_hash({s: arch.weight(model, s).detach() for s in ck.weights}) != ck.state["weights_hash"]:
+        ed.applier.originals.update(read_weights(ed.lm, ck.weights))
+        write_weights(ed.lm, ck.weights)
+        if tensors_hash(read_weights(ed.lm, ck.weights)) != ck.state["weights_hash"]:
             raise BadInputError("restored weights do not match the checkpoint's hash", file=str(ck.path))
         load_st = getattr(ed.method, "load_state_tensors", None)
         if load_st and ck.state_tensors:
@@ -317,21 +314,22 @@ class EditStream:
     def _finish(self, ed, tracker, reqs, rows, records) -> dict:
         from pipelines.tracking import plot_curves
 
-        arch, model = ed.lm.arch, ed.lm.model
-        weights = {s: arch.weight(model, s).detach() for s in ed.applier.originals}
+        weights = read_weights(ed.lm, ed.applier.originals)
         n = sum(r["n"] for r in records)
         result = {"config": self.cfg.to_dict(), "hparams": ed.cfg.to_dict(), "n_edits": n,
                   "pre": rows[0], "post": rows[-1], "curve": rows,
                   "seconds_per_edit": sum(r["seconds"] for r in records) / max(n, 1),
                   "weights_hash": tensors_hash(weights), "model_hash": ed.lm.fingerprint(),
+                  "zero3": ed.lm.zero3,
                   "stats_throughput": self.stats_throughput,
                   "worker_recoveries": getattr(self.backend, "recoveries", 0) if self.backend else 0}
         if self.backend is not None:  # every replica must hold exactly the driver's weights
             import ray
 
-            driver = tensors_hash(ed.lm.model.state_dict())
+            driver = tensors_hash(dict(iter_full_state(ed.lm)))
             replicas = ray.get([w.weights_hash.remote() for w in self.backend.workers])
             result["replicas_in_step"] = all(h == driver for h in replicas)
+            result["replicas"] = ray.get([w.describe.remote() for w in self.backend.workers])
             if not result["replicas_in_step"]:
                 log.error("a worker replica's weights differ from the driver's")
         atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=1, default=str))

@@ -25,12 +25,12 @@ log = logging.getLogger(__name__)
 
 
 class StatsWorker:
-    def __init__(self, model: str, dtype: str, device: str):
+    def __init__(self, model: str, dtype: str, device: str, zero3: bool = False, ds_config=None):
         from kedit_core.models import load
         from pipelines.workers import _set_threads
 
         _set_threads()
-        self.lm = load(model, dtype=dtype, device=device)
+        self.lm = load(model, dtype=dtype, device=device, zero3=zero3, ds_config=ds_config)
 
     def pid(self) -> int:
         import os
@@ -97,7 +97,8 @@ def partials_dir(store, specs: dict) -> Path:
 
 def run_stats(lm, sites: list[str], corpus, *, n_samples: int | None, max_length: int, workers: int,
               store=None, model_spec: str | None = None, dtype: str = "fp32", device: str = "auto",
-              batch_tokens: int = 4096, show_progress: bool = True, stop_after_shards: int | None = None
+              batch_tokens: int = 4096, show_progress: bool = True, stop_after_shards: int | None = None,
+              zero3: bool = False, ds_config=None
               ) -> dict:
     """Compute (or find) the moments of `sites` with `workers` StatsWorker actors; returns
     {site: SecondMoment} and writes them into `store`. `stop_after_shards` (tests) stops
@@ -142,7 +143,7 @@ def run_stats(lm, sites: list[str], corpus, *, n_samples: int | None, max_length
     cpus = ray.cluster_resources().get("CPU", 1)
     per = 1 if use_gpu else max(1, int(cpus // workers))
     actors = [cls.options(num_cpus=per, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2)
-              .remote(model_spec or lm.name, dtype, "cuda" if use_gpu else "cpu") for _ in range(min(workers, max(len(todo), 1)))]
+              .remote(model_spec or lm.name, dtype, "cuda" if use_gpu else "cpu", zero3, ds_config) for _ in range(min(workers, max(len(todo), 1)))]
     fps = ray.get([a.fingerprint.remote() for a in actors])
     if any(fp != lm.fingerprint() for fp in fps):
         raise RuntimeError("a StatsWorker loaded different weights than the driver")

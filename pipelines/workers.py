@@ -39,20 +39,25 @@ def _set_threads() -> None:
 class EditWorker:
     """One model replica doing its share of a batch's per-request work."""
 
-    def __init__(self, model: str, dtype: str, device: str, chunk: int):
+    def __init__(self, model: str, dtype: str, device: str, chunk: int, zero3: bool = False,
+                 ds_config=None):
         from kedit_core.apply import DeltaApplier
         from kedit_core.methods.common import LocalBackend
         from kedit_core.models import load
 
         _set_threads()
         logging.basicConfig(level=logging.INFO)
-        self.lm = load(model, dtype=dtype, device=device)
+        self.lm = load(model, dtype=dtype, device=device, zero3=zero3, ds_config=ds_config)
         self.backend = LocalBackend(self.lm, chunk)
         self.applier = DeltaApplier(self.lm)
         self.version = 0
 
     def pid(self) -> int:
         return os.getpid()
+
+    def describe(self) -> dict:
+        return {"pid": os.getpid(), "device": str(self.lm.device), "zero3": self.lm.zero3,
+                "source": self.lm.source, "version": self.version}
 
     def _check(self, version: int) -> None:
         if self.version != version:
@@ -70,20 +75,19 @@ class EditWorker:
     def load_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
         """Set the edited sites to the driver's current weights (recovery of a restarted
         replica, or a resumed stream)."""
-        arch, model = self.lm.arch, self.lm.model
-        with torch.no_grad():
-            for site, w in weights.items():
-                p = arch.weight(model, site)
-                if site not in self.applier.originals:
-                    self.applier.originals[site] = p.detach().clone()
-                p.copy_(w.to(p.device, p.dtype))
+        from kedit_core.apply import read_weights, write_weights
+
+        new = [s for s in weights if s not in self.applier.originals]
+        self.applier.originals.update(read_weights(self.lm, new))
+        write_weights(self.lm, weights)
         self.version = version
         return version
 
     def weights_hash(self) -> str:
+        from kedit_core.models.loader import iter_full_state
         from pipelines.checkpoint import tensors_hash
 
-        return tensors_hash(self.lm.model.state_dict())
+        return tensors_hash(dict(iter_full_state(self.lm)))
 
     def targets(self, version: int, requests, zcfg):
         self._check(version)
@@ -193,7 +197,8 @@ class RayBackend:
         return {l: sum((p[l] for p in parts[1:]), parts[0][l]) for l in layers}
 
 
-def start_edit_workers(n: int, model: str, dtype: str, device: str, chunk: int) -> list:
+def start_edit_workers(n: int, model: str, dtype: str, device: str, chunk: int, *, zero3: bool = False,
+                       ds_config=None) -> list:
     """n EditWorker actors (one GPU each when the cluster has enough, else one CPU each),
     restarted by Ray if their process dies; their calls are retried."""
     import ray
@@ -204,6 +209,6 @@ def start_edit_workers(n: int, model: str, dtype: str, device: str, chunk: int) 
     per = 1 if use_gpu else max(1, int(cpus // max(n, 1)))
     cls = ray.remote(EditWorker).options(num_cpus=per, num_gpus=1 if use_gpu else 0,
                                          max_restarts=-1, max_task_retries=-1)
-    workers = [cls.remote(model, dtype, "cuda" if use_gpu else "cpu", chunk) for _ in range(n)]
+    workers = [cls.remote(model, dtype, "cuda" if use_gpu else "cpu", chunk, zero3, ds_config) for _ in range(n)]
     ray.get([w.pid.remote() for w in workers])  # wait until every replica is loaded
     return workers

@@ -102,9 +102,15 @@ class LoadedModel:
     # Per-model memo of facts that hold for these weights' architecture (e.g. that the
     # cached-suffix target optimisation matches full passes); never holds tensors.
     scratch: dict = field(default_factory=dict, repr=False)
+    # Partitioned by DeepSpeed ZeRO-3 (kedit_core.models.zero3): parameters hold only their
+    # partition; kedit_core.apply.full_weights gathers them.
+    zero3: bool = False
+    compute_device: torch.device | None = None
 
     @property
     def device(self) -> torch.device:
+        if self.compute_device is not None:
+            return self.compute_device
         return next(self.model.parameters()).device
 
     @property
@@ -120,13 +126,31 @@ class LoadedModel:
         Statistics and checkpoints record it so that they are never reused on other weights."""
         if self._fingerprint is None:
             h = hashlib.sha256()
-            for name, p in sorted(self.model.state_dict().items()):
-                t = p.detach().to("cpu").contiguous()
+            for name, t in sorted(iter_full_state(self)):
                 h.update(name.encode())
                 h.update(str(t.dtype).encode())
                 h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
             self._fingerprint = h.hexdigest()
         return self._fingerprint
+
+
+def iter_full_state(lm: LoadedModel):
+    """(name, full CPU tensor) of every entry of the state dict, one at a time (a ZeRO-3
+    model's parameters are gathered one by one, never all at once)."""
+    if not lm.zero3:
+        for name, p in lm.model.state_dict().items():
+            yield name, p.detach().to("cpu").contiguous()
+        return
+    from kedit_core.models.zero3 import gathered
+
+    params = dict(lm.model.named_parameters(remove_duplicate=False))
+    for name, p in lm.model.state_dict(keep_vars=True).items():
+        p = params.get(name, p)
+        if hasattr(p, "ds_id"):
+            with gathered([p], modify=False):
+                yield name, p.detach().to("cpu").clone().contiguous()
+        else:
+            yield name, p.detach().to("cpu").contiguous()
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -150,8 +174,13 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def load(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = "fp32",
-         device: str | None = "auto") -> LoadedModel:
-    """Load a causal LM by built-in alias, hub id, local directory or GGUF file."""
+         device: str | None = "auto", zero3: bool = False, ds_config=None) -> LoadedModel:
+    """Load a causal LM by built-in alias, hub id, local directory or GGUF file; with
+    `zero3`, partitioned by DeepSpeed ZeRO-3 (kedit_core.models.zero3, optional extra)."""
+    if zero3:
+        from kedit_core.models.zero3 import load_zero3
+
+        return load_zero3(spec, dtype=dtype, device=device, ds_config=ds_config)
     t0 = time.perf_counter()
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     if spec in TINY_ALIASES:

@@ -32,6 +32,11 @@ def add_parser(sub) -> None:
     p.add_argument("--experiment", default=None)
     p.add_argument("--ray-address", default=None)
     p.add_argument("--skip-invalid", action="store_true", default=None)
+    p.add_argument("--zero3", action="store_true", default=None,
+                   help="load the driver's and the workers' models partitioned by DeepSpeed ZeRO-3 "
+                        "(pip install 'kedit[deepspeed]'), for a replica larger than one GPU")
+    p.add_argument("--ds-config", default=None, metavar="FILE.json",
+                   help="DeepSpeed config for --zero3 (default: stage 3, parameters offloaded to CPU on GPUs)")
     p.set_defaults(func=run)
 
 
@@ -43,7 +48,8 @@ def config_from_args(args):
     flags = {k: getattr(args, k) for k in ("model", "method", "data", "limit", "batch_size", "workers",
                                            "eval_every", "eval_limit", "checkpoint_every", "keep_checkpoints",
                                            "out", "stats_corpus", "dtype", "device", "perplexity_texts",
-                                           "tracking_uri", "experiment", "ray_address", "skip_invalid")}
+                                           "tracking_uri", "experiment", "ray_address", "skip_invalid",
+                                           "zero3", "ds_config")}
     file = args.config
     if args.resume:
         run_json = Path(args.resume) / "run.json"

@@ -82,7 +82,9 @@ class ArchSpec:
 
     def dims(self, model: nn.Module, site: str) -> tuple[int, int]:
         """(out_features, in_features) of a projection site."""
-        out_f, in_f = self.as_out_in(self.weight(model, site)).shape
+        w = self.weight(model, site)
+        shape = getattr(w, "ds_shape", None) or w.shape  # ZeRO-3 keeps the full shape aside
+        out_f, in_f = shape[::-1] if self.weight_layout == "conv1d" else shape
         return int(out_f), int(in_f)
 
 
