@@ -35,6 +35,24 @@ def test_batched_multi_token_scores_are_exact(lm):
         assert len(s.argmax[i]) == n and 0 <= s.token_acc[i] <= 1
 
 
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2"])
+def test_repeated_pairs_and_answer_position_logits_match_full_passes(name):
+    """Each distinct pair is scored once and the vocabulary projection runs only at the
+    answer positions; the scores equal one full pass per pair, repeats included, in order."""
+    m = load(name, device="cpu")
+    prompts = ["The capital of France is", "Hi", "The capital of France is", "Rome is in", "Hi"]
+    answers = ["Paris", "there, friend", "Paris", "the country of Italy", "there, friend"]
+    s = score(m, prompts, answers, batch_tokens=48)
+    assert m.scratch.get("logits_to_keep", True)   # the fast path was taken
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        lp, n = _manual_logprob(m, p, a)
+        assert s.logprob[i] == pytest.approx(lp, abs=1e-4)
+        assert len(s.argmax[i]) == n
+    assert s.argmax[0] == s.argmax[2] and s.logprob[1] == s.logprob[4]
+    s.argmax[0].append(-1)                         # results are independent lists
+    assert s.argmax[2] != s.argmax[0]
+
+
 def test_counterfact_metrics_follow_their_definitions(lm):
     r = EditRequest(case_id="x", subject="Paris", prompt="{} is in", target_new="Rome",
                     target_true="France", paraphrase_prompts=("Paris lies in",),

@@ -24,10 +24,15 @@ class Scores:
 @torch.no_grad()
 def score(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], *,
           batch_tokens: int = 8192) -> Scores:
+    """Each distinct (prompt, answer) pair is scored once (neighbourhood prompts repeat across
+    the requests of a relation); the vocabulary projection runs only at the answer positions
+    (`logits_to_keep`, where the model supports it)."""
     tok = lm.tokenizer
+    uniq: dict[tuple[str, str], int] = {}
+    where = [uniq.setdefault((p, a), len(uniq)) for p, a in zip(prompts, answers)]
     seqs, spans, tgts = [], [], []
     cache: dict[str, list[int]] = {}
-    for p, a in zip(prompts, answers):
+    for p, a in uniq:
         pid = cache.get(p)
         if pid is None:
             pid = cache[p] = tok(p, add_special_tokens=True)["input_ids"]
@@ -35,20 +40,38 @@ def score(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], *,
         seqs.append(pid + t[:-1])
         spans.append(len(pid) - 1)
         tgts.append(t)
-    out = Scores([0.0] * len(seqs), [0.0] * len(seqs), [0.0] * len(seqs), [[] for _ in seqs])
+    n = len(seqs)
+    res = Scores([0.0] * n, [0.0] * n, [0.0] * n, [[] for _ in range(n)])
     pad = pad_id(tok)
     for idx in batches_by_tokens(seqs, batch_tokens):
         ids, mask = pad_right([seqs[k] for k in idx], pad, lm.device)
-        logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        keep = sorted({spans[k] + j for k in idx for j in range(len(tgts[k]))})
+        logits, col = _logits_at(lm, ids, mask, keep)
         for r, k in enumerate(idx):
             s, t = spans[k], tgts[k]
-            lg = logits[r, s: s + len(t)].float()
+            lg = logits[r, [col[s + j] for j in range(len(t))]].float()
             lp = torch.log_softmax(lg, -1)
             tt = torch.tensor(t, device=lp.device)
             total = float(lp.gather(1, tt.view(-1, 1)).sum())
             am = lg.argmax(-1)
-            out.logprob[k] = total
-            out.mean_nll[k] = -total / len(t)
-            out.token_acc[k] = float((am == tt).float().mean())
-            out.argmax[k] = am.tolist()
-    return out
+            res.logprob[k] = total
+            res.mean_nll[k] = -total / len(t)
+            res.token_acc[k] = float((am == tt).float().mean())
+            res.argmax[k] = am.tolist()
+    return Scores([res.logprob[w] for w in where], [res.mean_nll[w] for w in where],
+                  [res.token_acc[w] for w in where], [list(res.argmax[w]) for w in where])
+
+
+def _logits_at(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, keep: list[int]):
+    """Logits at sequence positions `keep` of every row, and {position: column}."""
+    if lm.scratch.get("logits_to_keep", True):
+        try:
+            out = lm.model(input_ids=ids, attention_mask=mask, use_cache=False,
+                           logits_to_keep=torch.tensor(keep, device=ids.device)).logits
+            if out.shape[1] == len(keep):
+                return out, {p: c for c, p in enumerate(keep)}
+        except TypeError:  # a model class without logits_to_keep
+            pass
+        lm.scratch["logits_to_keep"] = False
+    out = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return out, {p: p for p in keep}
