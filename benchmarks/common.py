@@ -40,6 +40,8 @@ def write(name: str, rows: list[dict], columns: list[str], notes: str = "") -> P
 
 def _fmt(v) -> str:
     if isinstance(v, float):
+        if 0 < abs(v) < 1e-3:
+            return f"{v:.1e}"
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
     return "" if v is None else str(v)
 
