@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from kedit_core.apply import DeltaApplier, read_weights, save_deltas, write_weights
-from kedit_core.evaluate import baseline_predictions, evaluate_requests, heldout_texts, perplexity
+from kedit_core.evaluate import HeldOut, baseline_predictions, evaluate_requests, heldout_texts, perplexity
 from kedit_core.methods import get_method, make_config
 from kedit_core.models import LoadedModel, load
 from kedit_core.stats import StatsStore, StatsView, open_corpus
@@ -30,12 +30,14 @@ class Editor:
     def __init__(self, model: str | LoadedModel = "smollm2-135m", method: str = "alphaedit",
                  stats_corpus: str | None = None, *, device: str = "auto", dtype: str = "fp32",
                  stats_dir: str | None = None, show_progress: bool = True, zero3: bool = False,
-                 ds_config=None, **overrides):
+                 ds_config=None, perplexity_corpus: str | None = None, **overrides):
         self.lm = model if isinstance(model, LoadedModel) else load(model, dtype=dtype, device=device,
                                                                       zero3=zero3, ds_config=ds_config)
         self.method = get_method(method)
         self.cfg = make_config(self.method.config_cls, self.lm, overrides)
         self.corpus = open_corpus(stats_corpus)
+        self.perplexity_corpus = perplexity_corpus
+        self._heldout: dict[int, HeldOut] = {}
         self.store = StatsStore(stats_dir)
         sites = [k.site for k in self.method.required_stats(self.cfg, self.lm)]
         kw = dict(n_samples=self.cfg.mom2_n_samples, max_length=self.cfg.mom2_max_length)
@@ -86,14 +88,21 @@ class Editor:
         return rec
 
     def evaluate(self, requests: Sequence[EditRequest], *, fluency: bool = False,
-                 perplexity_texts: int | None = 0) -> dict[str, float]:
+                 perplexity_texts: int | None = 0, generation: bool = True) -> dict[str, float]:
         """Metrics over `requests` on the current (edited) model; `perplexity_texts` > 0 adds
-        WikiText-style perplexity on held-out texts of the statistics corpus."""
-        m = evaluate_requests(self.lm, requests, baseline=self._baseline or None, fluency=fluency)
+        perplexity on that many held-out texts (`heldout`: never texts the statistics used)."""
+        m = evaluate_requests(self.lm, requests, baseline=self._baseline or None, fluency=fluency,
+                              generation=generation)
         if perplexity_texts:
-            m["perplexity"] = perplexity(self.lm, heldout_texts(self.corpus, self.cfg.mom2_n_samples),
-                                         n_texts=perplexity_texts)
+            m["perplexity"] = perplexity(self.lm, self.heldout(perplexity_texts).texts, n_texts=perplexity_texts)
         return m
+
+    def heldout(self, n_texts: int) -> HeldOut:
+        """The held-out perplexity texts (chosen once per size; see evaluate.perplexity)."""
+        if n_texts not in self._heldout:
+            self._heldout[n_texts] = heldout_texts(self.lm, self.corpus, self.cfg.mom2_n_samples, n_texts,
+                                                   perplexity_corpus=self.perplexity_corpus)
+        return self._heldout[n_texts]
 
     def save(self, directory: str | Path, *, export_model: bool = True) -> Path:
         """deltas.safetensors + config.json (cumulative deltas), and the edited model in HF

@@ -5,7 +5,7 @@ optimises a vector delta added to a hidden state at the last subject token, so t
 model predicts the new target after every context-template prefix, with
 
     loss_i = NLL(target_new | prefix_c + prompt_i)  averaged over prefixes c
-           + kl_factor * KL(p_orig || p_delta) on "{subject} is a" at the subject's last token
+           + kl_factor * KL(p_delta || p_orig) on "{subject} is a" at the subject's last token
            + weight_decay * ||delta_i|| / ||h_i||^2,
 
 Adam, stopping when loss_i < 5e-2, and after each step clamping ||delta_i|| <= clamp * ||h_i||
@@ -24,9 +24,14 @@ Adam, stopping when loss_i < 5e-2, and after each step clamping ||delta_i|| <= c
 * the unembedding is applied only at the positions that carry a loss (target tokens and the
   KL position), not at every position of every row.
 
-Context templates (MEMIT: "{}" plus five 10-token samples after "The", "Therefore",
-"Because", "I", "You") are generated once per model with a fixed seed and cached under
-$KEDIT_CACHE keyed by the model's weights hash.
+(p_delta: the next-token distribution with delta added, p_orig: without; the reference's
+`kl_div(kl_distr_init, kl_log_probs, log_target=True)` is this direction, see `kl_term`.)
+
+Context templates are generated once per model with a fixed seed and cached under
+$KEDIT_CACHE keyed by the model's weights hash: MEMIT's (`context_templates`: "{}" plus five
+10-token samples after "The", "Therefore", "Because", "I", "You"; keys weigh the bare prompt
+1/2, `template_weights`) and ROME's (`rome_context_templates`: "{}" plus ten 5-token and ten
+10-token samples after the model's document-start token, uniform weights).
 """
 
 from __future__ import annotations
@@ -96,6 +101,67 @@ def context_templates(lm: LoadedModel, *, n_per_seed: int = 1, length: int = 10,
         tmp.write_text(json.dumps(out))
         tmp.replace(path)
     return out
+
+
+def rome_context_templates(lm: LoadedModel, *, length_params=((5, 10), (10, 10)),
+                           use_cache: bool = True) -> list[str]:
+    """ROME's context templates (kmeng01/rome `rome_main.get_context_templates` with the
+    hparams' `context_template_length_params` [[5, 10], [10, 10]]): "{}" plus, for each
+    (length, n), n samples of `length` tokens in all (the seed included, as `generate_fast`'s
+    max_out_len) drawn from the top 5 after the model's document-start token
+    ("<|endoftext|>" where the vocabulary has it, as GPT-2's; else BOS, else EOS), with the
+    seed removed, braces stripped and ". {}" appended. Used with uniform weights for both k*
+    and v* (`compute_u` takes `.mean(0)`; `compute_v` averages the NLL over its prompts)."""
+    tok = lm.tokenizer
+    seed_tok = "<|endoftext|>" if "<|endoftext|>" in tok.get_vocab() else (tok.bos_token or tok.eos_token)
+    key = "-".join(f"{a}x{b}" for a, b in length_params)
+    path = cache_dir() / "context_templates" / f"{lm.fingerprint()[:24]}-rome-{key}.json"
+    if use_cache and path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if isinstance(cached, list) and cached and cached[0] == "{}" and all(
+                    isinstance(t, str) and t.endswith("{}") for t in cached):
+                return cached
+        except json.JSONDecodeError:
+            pass
+        log.warning("ignoring a damaged context-template cache %s", path)
+    seed_id = tok.convert_tokens_to_ids(seed_tok)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    out = ["{}"]
+    for length, n in length_params:
+        for _ in range(n):
+            ids = torch.tensor([[seed_id]], device=lm.device)
+            with torch.no_grad():
+                while ids.shape[1] < length:
+                    logits = lm.model(input_ids=ids).logits[0, -1].float().cpu()
+                    top = logits.topk(5)
+                    nxt = top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)]
+                    ids = torch.cat([ids, nxt.view(1, 1).to(ids.device)], dim=1)
+            text = tok.decode(ids[0, 1:], skip_special_tokens=True)
+            out.append(" ".join(text.replace("{", " ").replace("}", " ").split()) + ". {}")
+    if use_cache:
+        _atomic_write(path, json.dumps(out))
+    return out
+
+
+def _atomic_write(path, text: str) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def kl_term(log_p_orig: torch.Tensor, log_p_delta: torch.Tensor) -> torch.Tensor:
+    """KL(p_delta || p_orig) = sum p_delta (log p_delta - log p_orig), batch-mean over rows:
+    the reference's `kl_div(kl_distr_init, kl_log_probs, log_target=True, reduction="batchmean")`
+    (torch's kl_div(input, target) is KL(target || input))."""
+    return F.kl_div(log_p_orig, log_p_delta, log_target=True, reduction="batchmean")
 
 
 # ------------------------------------------------------------------ tokenisation
@@ -382,8 +448,7 @@ def optimize_targets(lm: LoadedModel, requests: Sequence[EditRequest], cfg: ZOpt
             nll = -tok_lp[sel].sum() / n_tgt / rows.n_ctx
             if kl_init[o] is None:
                 kl_init[o] = kl_lp[j].detach()
-            kl = cfg.kl_factor * F.kl_div(kl_init[o].unsqueeze(0), kl_lp[j].unsqueeze(0),
-                                          log_target=True, reduction="batchmean")
+            kl = cfg.kl_factor * kl_term(kl_init[o].unsqueeze(0), kl_lp[j].unsqueeze(0))
             wd = cfg.weight_decay * (delta[o].norm() / init[o].norm() ** 2)
             losses.append(nll + kl + wd)
         done = set()
@@ -436,9 +501,11 @@ def template_weights(templates: Sequence[str]) -> list[float]:
 @torch.no_grad()
 def hidden_at_subject(lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str],
                       *, inputs_of: Sequence[str] = (), outputs_of: Sequence[str] = (),
-                      batch_rows: int = 256) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                      batch_rows: int = 256, weights: Sequence[float] | None = None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """For each request, the input (resp. output) of each site at the subject's last token,
-    averaged over the context templates with `template_weights`: (inputs[site] (n, d_in),
+    averaged over the context templates with `weights` (default `template_weights`, MEMIT's;
+    ROME passes uniform weights): (inputs[site] (n, d_in),
     outputs[site] (n, d_out)). One truncated forward pass per chunk of rows covers all sites."""
     model, arch = lm.model, lm.arch
     sites = list(dict.fromkeys([*inputs_of, *outputs_of]))
@@ -446,7 +513,9 @@ def hidden_at_subject(lm: LoadedModel, requests: Sequence[EditRequest], template
     # A block's own output comes after its MLP projection.
     deepest = max(sites, key=lambda s: (int(s.split(".")[1]), s.count(".") == 1))
     seqs, owner, lookup, weight = [], [], [], []
-    tw = template_weights(templates)
+    tw = list(weights) if weights is not None else template_weights(templates)
+    if len(tw) != len(templates):
+        raise ValueError(f"{len(tw)} weights for {len(templates)} templates")
     for o, r in enumerate(requests):
         for c, w in zip(templates, tw):
             ids, li = subject_last_index(lm, c.replace("{}", r.prompt, 1), r.subject)

@@ -34,6 +34,9 @@ class RunConfig:
     device: str = "auto"
     set: dict[str, Any] = field(default_factory=dict)   # method hyper-parameters
     perplexity_texts: int = 50
+    perplexity_corpus: str | None = None  # held-out perplexity texts (default: the statistics corpus
+                                          # after the texts the statistics used, else the other built-in)
+    zsre_convention: str = "mend"         # zsRE files: "mend" (alt is the new target) or "memit" (answers[0])
     skip_invalid: bool = False
     zopt_chunk: int = 64                  # requests optimised together inside a worker (bounded memory)
     tracking_uri: str | None = None       # default: sqlite in the output directory's parent
@@ -45,7 +48,7 @@ class RunConfig:
 
     # The fields that decide the edited weights: a resumed run must match them.
     IDENTITY = ("model", "method", "data", "limit", "batch_size", "stats_corpus", "dtype", "set",
-                "skip_invalid", "zopt_chunk", "seed")
+                "skip_invalid", "zopt_chunk", "seed", "zsre_convention")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -37,8 +37,11 @@ from pipelines.config import RunConfig, differences, identity, identity_hash
 
 log = logging.getLogger(__name__)
 
-METRIC_KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "rewrite_acc",
-               "paraphrase_acc", "locality", "portability")
+# Logged per evaluation point (names and definitions: kedit_core.evaluate.metrics).
+METRIC_KEYS = ("efficacy_score", "efficacy_magnitude", "paraphrase_score", "paraphrase_magnitude",
+               "neighborhood_score", "neighborhood_magnitude", "score", "rewrite_acc", "rewrite_correct",
+               "paraphrase_acc", "paraphrase_correct", "neighborhood_acc", "rewrite_gen", "paraphrase_gen",
+               "locality", "portability_acc")
 
 
 def data_hash(path: str) -> str:
@@ -92,7 +95,7 @@ class EditStream:
         from kedit_core.data import load_requests
 
         reqs = load_requests(None if self.cfg.data == "builtin" else self.cfg.data, limit=self.cfg.limit,
-                             skip_invalid=self.cfg.skip_invalid)
+                             skip_invalid=self.cfg.skip_invalid, zsre_convention=self.cfg.zsre_convention)
         if not reqs:
             raise BadInputError("no edit requests to apply", file=self.cfg.data, field="data")
         return reqs
@@ -153,7 +156,8 @@ class EditStream:
         self.stats_throughput = None
         if use_ray:
             self._stats(lm)
-        ed = Editor(lm, cfg.method, cfg.stats_corpus, show_progress=self.show_progress, **cfg.set)
+        ed = Editor(lm, cfg.method, cfg.stats_corpus, show_progress=self.show_progress,
+                    perplexity_corpus=cfg.perplexity_corpus, **cfg.set)
         self.editor = ed
         ident = identity(cfg, data_hash=dhash, hparams=ed.cfg.to_dict())
         ident["model_hash"] = lm.fingerprint()
@@ -321,6 +325,8 @@ class EditStream:
                   "seconds_per_edit": sum(r["seconds"] for r in records) / max(n, 1),
                   "weights_hash": tensors_hash(weights), "model_hash": ed.lm.fingerprint(),
                   "zero3": ed.lm.zero3,
+                  "perplexity_source": (ed.heldout(self.cfg.perplexity_texts).source
+                                        if self.cfg.perplexity_texts else None),
                   "stats_throughput": self.stats_throughput,
                   "worker_recoveries": getattr(self.backend, "recoveries", 0) if self.backend else 0}
         if self.backend is not None:  # every replica must hold exactly the driver's weights

@@ -57,14 +57,15 @@ def test_counterfact_metrics_follow_their_definitions(lm):
     r = EditRequest(case_id="x", subject="Paris", prompt="{} is in", target_new="Rome",
                     target_true="France", paraphrase_prompts=("Paris lies in",),
                     neighborhood=(LabeledPrompt("Lyon is in", "France"),))
-    m = evaluate_requests(lm, [r])
+    m = evaluate_requests(lm, [r], generation=False)
     s = score(lm, ["Paris is in", "Paris is in", "Paris lies in", "Paris lies in", "Lyon is in", "Lyon is in"],
               ["Rome", "France", "Rome", "France", "France", "Rome"])
     nll = s.mean_nll
     assert m["efficacy_score"] == float(nll[0] < nll[1])
     assert m["paraphrase_score"] == float(nll[2] < nll[3])
     assert m["neighborhood_score"] == float(nll[4] < nll[5])
-    assert m["efficacy_magnitude"] == pytest.approx(math.exp(s.logprob[0]) - math.exp(s.logprob[1]), abs=1e-6)
+    # EM: per-token geometric means exp(-mean NLL), as the reference's rewrite_prompts_diff
+    assert m["efficacy_magnitude"] == pytest.approx(math.exp(-nll[0]) - math.exp(-nll[1]), abs=1e-6)
 
 
 def test_ngram_entropy_and_perplexity(lm):

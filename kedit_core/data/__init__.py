@@ -4,9 +4,12 @@ from kedit_core.data.readers import FORMATS, detect_format, read_dataset, read_r
 from kedit_core.data.builtin import builtin_path, load_builtin
 
 
-def load_requests(path=None, *, limit: int | None = None, skip_invalid: bool = False):
-    """Requests from a benchmark file (any supported format), or the built-in set."""
-    ds = load_builtin() if path in (None, "builtin") else read_dataset(path, skip_invalid=skip_invalid)
+def load_requests(path=None, *, limit: int | None = None, skip_invalid: bool = False,
+                  zsre_convention: str = "mend"):
+    """Requests from a benchmark file (any supported format), or the built-in set.
+    `zsre_convention`: "mend" (alt is the new target; default) or "memit" (answers[0])."""
+    ds = load_builtin() if path in (None, "builtin") else read_dataset(
+        path, skip_invalid=skip_invalid, zsre_convention=zsre_convention)
     reqs = ds.requests
     return reqs[:limit] if limit is not None else reqs
 

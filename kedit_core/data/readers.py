@@ -9,6 +9,8 @@ reason, or, with `skip_invalid=True`, is reported in `EditDataset.problems` and 
 
 from __future__ import annotations
 
+import functools
+
 import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -258,22 +260,45 @@ def parse_counterfact_flat(rec: _Rec) -> EditCase:
         neighborhood=(LabeledPrompt(loc, loc_ans.strip()),) if loc else ()))
 
 
-def parse_zsre(rec: _Rec) -> EditCase:
-    """zsRE, MEND format: a question `src` about `subject`, new answer `alt`."""
+ZSRE_CONVENTIONS = ("mend", "memit")
+
+
+def parse_zsre(rec: _Rec, convention: str = "mend") -> EditCase:
+    """zsRE, MEND format: a question `src` about `subject`. Two conventions:
+
+    * "mend" (MEND, EasyEdit; kedit's default): the new target is `alt`, target_true is
+      answers[0]; the neighbourhood prompt is `loc` with answer `loc_ans`, and zsRE
+      locality is the agreement of the edited model's argmax with the unedited model's
+      there (metric `locality`).
+    * "memit" (ROME / MEMIT / AlphaEdit, kmeng01/memit `dsets/zsre.py` MENDQADataset): the
+      new target is answers[0] (target_true unknown); the neighbourhood prompt is
+      `loc + "?"` with answer `loc_ans`, and specificity is the token accuracy of `loc_ans`
+      there (metric `neighborhood_acc`).
+    """
+    if convention not in ZSRE_CONVENTIONS:
+        raise BadInputError(f"unknown zsRE convention {convention!r} (choose {' or '.join(ZSRE_CONVENTIONS)})",
+                            field="zsre_convention")
     subject = rec.text("subject")
     prompt = _template(rec, rec.text("src"), subject, "src")
     answers = rec.texts("answers")
     loc = rec.text("loc", required=False)
+    loc_ans = rec.text("loc_ans").strip() if loc else None
     port = rec.get("portability", dict, required=False, default={})
     portability = ()
     if isinstance(port.get("New Question"), str) and isinstance(port.get("New Answer"), str):
         portability = (LabeledPrompt(port["New Question"], port["New Answer"]),)
+    if convention == "memit":
+        if not answers or not answers[0].strip():
+            raise rec.error("answers", "the memit zsRE convention edits to answers[0]; none given")
+        target_new, target_true = answers[0].strip(), None
+        neighborhood = (LabeledPrompt(loc + "?", loc_ans),) if loc else ()
+    else:
+        target_new = _target(rec, rec.raw.get("alt"), "alt")
+        target_true = answers[0].strip() if answers else None
+        neighborhood = (LabeledPrompt(loc, loc_ans),) if loc else ()
     return _single(_request(
-        rec, subject=subject, prompt=prompt, target_new=_target(rec, rec.raw.get("alt"), "alt"),
-        target_true=answers[0].strip() if answers else None,
-        paraphrase_prompts=rec.texts("rephrase"),
-        neighborhood=((LabeledPrompt(loc, rec.text("loc_ans").strip()),) if loc else ()),
-        portability=portability))
+        rec, subject=subject, prompt=prompt, target_new=target_new, target_true=target_true,
+        paraphrase_prompts=rec.texts("rephrase"), neighborhood=neighborhood, portability=portability))
 
 
 def parse_knowedit(rec: _Rec) -> EditCase:
@@ -393,8 +418,9 @@ def detect_format(records: Iterable[Any], file: str = "<data>") -> str:
 
 
 def read_dataset(path: str | Path, *, format: str | None = None,
-                 skip_invalid: bool = False) -> EditDataset:
-    """Read and validate a benchmark file. `format=None` detects it from the content."""
+                 skip_invalid: bool = False, zsre_convention: str = "mend") -> EditDataset:
+    """Read and validate a benchmark file. `format=None` detects it from the content;
+    `zsre_convention` chooses how zsRE records become requests (see `parse_zsre`)."""
     file = str(path)
     records = read_records(path)
     if not records:
@@ -403,6 +429,11 @@ def read_dataset(path: str | Path, *, format: str | None = None,
     if fmt not in _PARSERS:
         raise BadInputError(f"unknown format {fmt!r} (supported: {', '.join(_PARSERS)})", file=file)
     parse = _PARSERS[fmt]
+    if fmt == "zsre":
+        parse = functools.partial(parse_zsre, convention=zsre_convention)
+    elif zsre_convention not in ZSRE_CONVENTIONS:
+        raise BadInputError(f"unknown zsRE convention {zsre_convention!r} (choose {' or '.join(ZSRE_CONVENTIONS)})",
+                            field="zsre_convention")
     cases, problems = [], []
     for i, raw in enumerate(records):
         try:

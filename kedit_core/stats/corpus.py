@@ -141,3 +141,17 @@ def open_corpus(spec: str | Path | None, *, text_column: str = "text") -> Corpus
     if not files:
         raise BadInputError("the corpus holds no text files", file=spec, field="stats_corpus")
     return Corpus(spec, tuple(files), text_column)
+
+
+def fallback_corpus(corpus: Corpus) -> Corpus | None:
+    """A built-in corpus other than `corpus` (for held-out perplexity when the statistics
+    consumed all of `corpus`): WikiText-2 test when present and not `corpus` itself, else the
+    standard library's docstrings unless `corpus` is that; None when neither qualifies."""
+    if corpus.id != "builtin:pydoc" and corpus.files != (DEFAULT_CORPUS,):
+        if DEFAULT_CORPUS.is_file():
+            return Corpus("wikitext-2-test", (DEFAULT_CORPUS,), corpus.text_column)
+        return Corpus("builtin:pydoc", (), corpus.text_column)
+    if corpus.id == "builtin:pydoc":
+        return Corpus("wikitext-2-test", (DEFAULT_CORPUS,), corpus.text_column) if DEFAULT_CORPUS.is_file() else None
+    return Corpus("builtin:pydoc", (), corpus.text_column)
+

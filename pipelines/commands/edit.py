@@ -28,6 +28,11 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="method hyper-parameter")
     p.add_argument("--perplexity-texts", type=int, default=None)
+    p.add_argument("--perplexity-corpus", default=None,
+                   help="held-out perplexity texts (default: the statistics corpus after the texts the "
+                        "statistics used; the other built-in corpus when too few remain)")
+    p.add_argument("--zsre-convention", default=None, choices=["mend", "memit"],
+                   help="zsRE files: 'mend' (alt is the new target; default) or 'memit' (answers[0])")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite in the run dir's parent)")
     p.add_argument("--experiment", default=None)
     p.add_argument("--ray-address", default=None)
@@ -48,6 +53,7 @@ def config_from_args(args):
     flags = {k: getattr(args, k) for k in ("model", "method", "data", "limit", "batch_size", "workers",
                                            "eval_every", "eval_limit", "checkpoint_every", "keep_checkpoints",
                                            "out", "stats_corpus", "dtype", "device", "perplexity_texts",
+                                           "perplexity_corpus", "zsre_convention",
                                            "tracking_uri", "experiment", "ray_address", "skip_invalid",
                                            "zero3", "ds_config")}
     file = args.config
@@ -69,7 +75,8 @@ def config_from_args(args):
 def summary(console, result: dict, out: Path) -> None:
     pre, post = result["pre"], result["post"]
     console.print(f"\n[bold]{result['n_edits']} edits[/] ({result['config']['method']} on {result['config']['model']})")
-    for k in ("all/efficacy_score", "all/paraphrase_score", "all/neighborhood_score", "perplexity"):
+    for k in ("all/efficacy_score", "all/paraphrase_score", "all/neighborhood_score", "all/rewrite_gen",
+              "all/paraphrase_gen", "perplexity"):
         if k in post:
             console.print(f"  {k:<26} {pre.get(k, float('nan')):8.3f} -> {post[k]:8.3f}")
     console.print(f"  seconds per edit           {result['seconds_per_edit']:8.2f}")

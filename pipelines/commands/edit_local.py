@@ -27,6 +27,11 @@ def add_parser(sub) -> None:
                    help="override a method hyper-parameter, e.g. --set layers=4,5,6 --set v_lr=0.1")
     p.add_argument("--perplexity-texts", type=int, default=100,
                    help="held-out texts for perplexity (0: skip; default: %(default)s)")
+    p.add_argument("--perplexity-corpus", default=None,
+                   help="held-out perplexity texts (default: the statistics corpus after the texts the "
+                        "statistics used; the other built-in corpus when too few remain)")
+    p.add_argument("--zsre-convention", default="mend", choices=["mend", "memit"],
+                   help="zsRE files: 'mend' (alt is the new target; default) or 'memit' (answers[0])")
     p.add_argument("--no-export", action="store_true", help="write deltas only, not the HF model")
     p.set_defaults(func=run)
 
@@ -56,11 +61,11 @@ def run(args) -> int:
                             file=str(out))
     console = Console()
     reqs = load_requests(None if args.data == "builtin" else args.data, limit=args.limit,
-                         skip_invalid=args.skip_invalid)
+                         skip_invalid=args.skip_invalid, zsre_convention=args.zsre_convention)
     if not reqs:
         raise BadInputError("no edit requests to apply", file=args.data)
     ed = Editor(args.model, args.method, args.stats_corpus, device=args.device, dtype=args.dtype,
-                **parse_overrides(args.set))
+                perplexity_corpus=args.perplexity_corpus, **parse_overrides(args.set))
     console.print(f"[bold]{args.method}[/] on {args.model}: {len(reqs)} edits in batches of {args.batch_size}")
     pre = ed.evaluate(reqs, perplexity_texts=args.perplexity_texts)
     t0 = time.perf_counter()
@@ -70,10 +75,13 @@ def run(args) -> int:
     compute = sum(b["seconds"] for b in batches)
     result = {"model": args.model, "method": args.method, "data": args.data, "n_edits": len(reqs),
               "batch_size": args.batch_size, "config": ed.cfg.to_dict(), "pre": pre, "post": post,
-              "seconds_per_edit": compute / len(reqs), "wall_seconds": wall, "batches": batches}
+              "seconds_per_edit": compute / len(reqs), "wall_seconds": wall, "batches": batches,
+              "zsre_convention": args.zsre_convention,
+              "perplexity_source": ed.heldout(args.perplexity_texts).source if args.perplexity_texts else None}
     ed.save(out, export_model=not args.no_export)
     (out / "metrics.json").write_text(json.dumps(result, indent=1, default=str))
-    keys = ["efficacy_score", "paraphrase_score", "neighborhood_score", "score", "perplexity"]
+    keys = ["efficacy_score", "paraphrase_score", "neighborhood_score", "score", "rewrite_gen",
+            "paraphrase_gen", "rewrite_acc", "neighborhood_acc", "locality", "perplexity"]
     for k in keys:
         if k in post:
             console.print(f"  {k:<20} {pre.get(k, float('nan')):8.3f} -> {post[k]:8.3f}")

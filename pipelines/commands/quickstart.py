@@ -50,18 +50,22 @@ def run(args) -> int:
     m = Table(title=f"{result['n_edits']} edits, metrics over all of them")
     for col in ("metric", "before", "after"):
         m.add_column(col)
-    for k in ("all/efficacy_score", "all/paraphrase_score", "all/neighborhood_score", "all/score", "perplexity"):
+    for k in ("all/efficacy_score", "all/paraphrase_score", "all/neighborhood_score", "all/score",
+              "all/rewrite_gen", "all/paraphrase_gen", "all/locality", "perplexity"):
         if k in post:
             m.add_row(k.replace("all/", ""), f"{pre.get(k, float('nan')):.3f}", f"{post[k]:.3f}")
     m.add_row("seconds per edit", "", f"{result['seconds_per_edit']:.2f}")
     console.print(m)
     if args.show and getattr(stream, "editor", None) is not None:
         reqs = load_requests(limit=args.show)
+        from kedit_core.evaluate import starts_with_target
+
         t = Table(title="edited facts (greedy completions of the edited model)")
-        for col in ("prompt", "after", "target"):
+        for col in ("prompt", "after", "target", "rewrite_gen"):
             t.add_column(col)
-        for r, a in zip(reqs, greedy(stream.editor.lm, [r.text for r in reqs], 5)):
-            t.add_row(r.text, a.strip().split("\n")[0], r.target_new)
+        for r, a in zip(reqs, greedy(stream.editor.lm, [r.text for r in reqs], 6)):
+            t.add_row(r.text, a.strip().split("\n")[0], r.target_new,
+                      "yes" if starts_with_target(a, r.target_new) else "no")
         console.print(t)
     wall = time.perf_counter() - t0
     console.print(f"done in {wall:.0f}s. Next:\n"

@@ -7,14 +7,23 @@ added to the MLP output), the rank-one update (eq. 2) is
 
     delta = (v* - W k) (C^{-1} k*)^T / ((C^{-1} k*)^T k)      (k: key of the bare prompt)
 
-with C = E[k k^T] over the statistics corpus; delta k = v* - W k exactly.
+with C = E[k k^T] over the statistics corpus; delta k = v* - W k exactly. With
+`mom2_adjustment=False` (the AlphaEdit repository's ROME hparams for Llama-3-8B) the left
+vector is k* itself: delta = (v* - W k) k*^T / (k*^T k) (reference `compute_u`).
 
-Deviations from the reference code (kmeng01/rome):
+As in the reference (kmeng01/rome `rome_main.py`, `compute_u.py`, `compute_v.py`), k* and v*
+use ROME's own context templates (kedit_core.zopt.rome_context_templates): "{}" plus ten
+5-token and ten 10-token samples after the model's document-start token, averaged
+uniformly (k*: the mean over the 21 prompts; v*: the NLL averaged over them); MEMIT's six
+templates with the bare prompt weighted 1/2 are not used here.
+
+Deviations from the reference code:
 * a batch is applied one request after another (ROME is a single-edit method); the result
   is one factored delta of rank = number of requests;
-* the key is averaged over the same context templates as the target optimisation (the
-  reference samples a second, larger template set for the key);
-* the target optimisation is the shared batched one (kedit_core.zopt);
+* the target optimisation is the shared one (kedit_core.zopt), with its early exit and
+  suffix replay (same loss and trajectory);
+* the templates are sampled once per model with a fixed seed and cached (the reference
+  samples them once per process);
 * C^{-1} k* is a float64 solve instead of an explicit inverse.
 """
 
@@ -30,7 +39,7 @@ from kedit_core.linalg import solve_spd
 from kedit_core.methods.base import EditConfig, hp, register
 from kedit_core.methods.common import mlp_out_stats, zopt_config
 from kedit_core.types import EditResult, StatKey, WeightDelta
-from kedit_core.zopt import context_templates, hidden_at_subject, optimize_targets
+from kedit_core.zopt import hidden_at_subject, optimize_targets, rome_context_templates
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +47,7 @@ class RomeConfig(EditConfig):
     layers: tuple[int, ...] = hp((5,), "the ONE decoder block edited")
     clamp_norm_factor: float = hp(4.0, "clamp ||delta|| <= factor * ||v|| (ROME: 4)")
     v_num_grad_steps: int = hp(20, "Adam steps of the value optimisation")
+    mom2_adjustment: bool = hp(True, "left vector C^-1 k* (True, ROME) or k* itself (False)")
 
     ARCH_DEFAULTS: ClassVar = {
         ("gpt2", 48, 1600): dict(layers=(17,), v_num_grad_steps=20, clamp_norm_factor=4.0),
@@ -55,13 +65,14 @@ class ROME:
     config_cls: ClassVar = RomeConfig
 
     def required_stats(self, cfg: RomeConfig, lm) -> list[StatKey]:
-        return mlp_out_stats(lm, cfg.layers[:1])
+        return mlp_out_stats(lm, cfg.layers[:1]) if cfg.mom2_adjustment else []
 
     def prepare(self, lm, cfg: RomeConfig, stats) -> dict:
         if len(cfg.layers) != 1:
             from kedit_core.errors import BadInputError
             raise BadInputError("ROME edits exactly one layer", field="layers")
-        return {"cfg": cfg, "C": stats[lm.arch.mlp_out_site(cfg.layers[0])].mean()}
+        C = stats[lm.arch.mlp_out_site(cfg.layers[0])].mean() if cfg.mom2_adjustment else None
+        return {"cfg": cfg, "C": C}
 
     def compute(self, lm, requests, state, backend=None):
         # ROME's edits are rank-one and strictly one after another: it always runs on `lm`
@@ -69,16 +80,17 @@ class ROME:
         cfg: RomeConfig = state["cfg"]
         layer = cfg.layers[0]
         site = lm.arch.mlp_out_site(layer)
-        templates = context_templates(lm)
+        templates = rome_context_templates(lm)
+        uniform = [1.0 / len(templates)] * len(templates)
         lefts, rights, info = [], [], {"z_loss": [], "z_steps": [], "targets": []}
         with temporarily_applied(lm) as app:
             for req in requests:  # sequential single edits
                 v = optimize_targets(lm, [req], zopt_config(cfg, layer, "mlp.out"), templates)
-                keys, _ = hidden_at_subject(lm, [req], templates, inputs_of=[site])
+                keys, _ = hidden_at_subject(lm, [req], templates, inputs_of=[site], weights=uniform)
                 bare_in, bare_out = hidden_at_subject(lm, [req], ["{}"], inputs_of=[site], outputs_of=[site])
                 k_star = keys[site][0].double()
                 k, wk = bare_in[site][0].double(), bare_out[site][0].double()
-                u = solve_spd(state["C"], k_star.unsqueeze(1)).squeeze(1)
+                u = solve_spd(state["C"], k_star.unsqueeze(1)).squeeze(1) if cfg.mom2_adjustment else k_star
                 u = u / u.norm()
                 right = (v.targets[0].double().cpu() - wk) / torch.dot(k, u)
                 d = WeightDelta(site, left=right.float().unsqueeze(1), right=u.float().unsqueeze(1))
