@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from kedit_core.apply import DeltaApplier, read_weights, save_deltas, write_weights
+from kedit_core.edited import ModelView
 from kedit_core.evaluate import HeldOut, baseline_predictions, evaluate_requests, heldout_texts, perplexity
+from kedit_core.memory import EditMemory
 from kedit_core.methods import get_method, make_config
 from kedit_core.models import LoadedModel, load
 from kedit_core.stats import StatsStore, StatsView, open_corpus
@@ -30,7 +32,8 @@ class Editor:
     def __init__(self, model: str | LoadedModel = "smollm2-135m", method: str = "alphaedit",
                  stats_corpus: str | None = None, *, device: str = "auto", dtype: str = "fp32",
                  stats_dir: str | None = None, show_progress: bool = True, zero3: bool = False,
-                 ds_config=None, perplexity_corpus: str | None = None, **overrides):
+                 ds_config=None, perplexity_corpus: str | None = None, encoder: str | None = None,
+                 memory_index: str = "exact", **overrides):
         self.lm = model if isinstance(model, LoadedModel) else load(model, dtype=dtype, device=device,
                                                                       zero3=zero3, ds_config=ds_config)
         self.method = get_method(method)
@@ -40,16 +43,28 @@ class Editor:
         self._heldout: dict[int, HeldOut] = {}
         self.store = StatsStore(stats_dir)
         sites = [k.site for k in self.method.required_stats(self.cfg, self.lm)]
-        kw = dict(n_samples=self.cfg.mom2_n_samples, max_length=self.cfg.mom2_max_length)
-        moments = self.store.get_or_compute(self.lm, sites, self.corpus, show_progress=show_progress, **kw)
-        specs = self.store.specs(self.lm, sites, self.corpus, **kw)
+        kw = dict(n_samples=getattr(self.cfg, "mom2_n_samples", None), max_length=getattr(self.cfg, "mom2_max_length", 128))
+        moments, specs = {}, {}
+        if sites:
+            moments = self.store.get_or_compute(self.lm, sites, self.corpus, show_progress=show_progress, **kw)
+            specs = self.store.specs(self.lm, sites, self.corpus, **kw)
         self.stats = StatsView(moments, self.store, specs)
         self.state = self.method.prepare(self.lm, self.cfg, self.stats)
         self._initial_state = self.state
+        # The memory methods' retrieval memory (kedit_core.memory); None for the others.
+        self._memory_args = dict(index=memory_index, encoder_spec=encoder)
+        self.memory = EditMemory(**self._memory_args) if "encoder" in self.method.info.needs else None
         self.applier = DeltaApplier(self.lm)
         self.history: list[dict] = []
         self._baseline: dict | None = None
         self.show_progress = show_progress
+
+    @property
+    def model(self):
+        """The edited model as evaluation and generation see it (kedit_core.edited): the base
+        model with its deltas, wrapped by whatever the method adds (a prompt rewriter, a
+        router...)."""
+        return self.method.wrap(ModelView(self.lm), self.state, self.memory)
 
     @property
     def n_edits(self) -> int:
@@ -77,12 +92,17 @@ class Editor:
         t0 = time.perf_counter()
         result, self.state = self.method.compute(self.lm, batch, self.state, backend)
         self.applier.apply(result.deltas)
+        if result.memory:
+            if self.memory is None:
+                raise RuntimeError(f"{self.method.name} returned memory entries but declares no encoder")
+            self.memory.add(result.memory)
         dt = time.perf_counter() - t0
         rec = {"n": len(batch), "seconds": dt, "seconds_per_edit": dt / len(batch),
                "delta_norms": {d.site: float(d.matrix().norm()) for d in result.deltas},
                "z_loss_mean": float(sum(result.info.get("z_loss", [0])) / max(len(batch), 1)),
-               "deltas": result.deltas}
-        self.history.append({k: v for k, v in rec.items() if k != "deltas"})
+               "memory_size": len(self.memory) if self.memory is not None else 0,
+               "deltas": result.deltas, "memory": result.memory}
+        self.history.append({k: v for k, v in rec.items() if k not in ("deltas", "memory")})
         log.info("batch of %d edited in %.1fs (%.2f s/edit); %d edits so far", len(batch), dt,
                  dt / len(batch), self.n_edits)
         return rec
@@ -91,7 +111,7 @@ class Editor:
                  perplexity_texts: int | None = 0, generation: bool = True) -> dict[str, float]:
         """Metrics over `requests` on the current (edited) model; `perplexity_texts` > 0 adds
         perplexity on that many held-out texts (`heldout`: never texts the statistics used)."""
-        m = evaluate_requests(self.lm, requests, baseline=self._baseline or None, fluency=fluency,
+        m = evaluate_requests(self.model, requests, baseline=self._baseline or None, fluency=fluency,
                               generation=generation)
         if perplexity_texts:
             m["perplexity"] = perplexity(self.lm, self.heldout(perplexity_texts).texts, n_texts=perplexity_texts)
@@ -100,7 +120,8 @@ class Editor:
     def heldout(self, n_texts: int) -> HeldOut:
         """The held-out perplexity texts (chosen once per size; see evaluate.perplexity)."""
         if n_texts not in self._heldout:
-            self._heldout[n_texts] = heldout_texts(self.lm, self.corpus, self.cfg.mom2_n_samples, n_texts,
+            used = getattr(self.cfg, "mom2_n_samples", 0) if self.method.required_stats(self.cfg, self.lm) else 0
+            self._heldout[n_texts] = heldout_texts(self.lm, self.corpus, used, n_texts,
                                                    perplexity_corpus=self.perplexity_corpus)
         return self._heldout[n_texts]
 
@@ -116,10 +137,35 @@ class Editor:
         return directory
 
     def revert(self) -> None:
-        """Restore the original weights bit-exactly and forget the sequential state."""
+        """Restore the original weights bit-exactly and forget the sequential state and memory."""
         self.applier.revert()
         self.state = self._initial_state
+        if self.memory is not None:
+            self.memory = EditMemory(**self._memory_args)
         self.history.clear()
+
+    # ---------------------------------------------------------------- sequential state
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The method's sequential state and the memory as safetensors-ready tensors + JSON
+        (checkpoints store both; `load_state_dict` restores them bit-identically)."""
+        tensors, meta = self.method.state_dict(self.state)
+        out = {"method": meta}
+        if self.memory is not None:
+            mt, mm = self.memory.state_dict()
+            clash = set(mt) & set(tensors)
+            if clash:
+                raise RuntimeError(f"state tensor names clash: {sorted(clash)}")
+            tensors = {**tensors, **mt}
+            out["memory"] = mm
+        return tensors, out
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        mem = {k: v for k, v in tensors.items() if k.startswith("memory.")}
+        rest = {k: v for k, v in tensors.items() if not k.startswith("memory.")}
+        if rest or meta.get("method"):
+            self.state = self.method.load_state_dict(self.state, rest, meta.get("method", {}))
+        if self.memory is not None and "memory" in meta:
+            self.memory.load_state_dict(mem, meta["memory"])
 
 
 def save_model(lm: LoadedModel, directory: str | Path) -> None:

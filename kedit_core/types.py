@@ -126,9 +126,32 @@ class WeightDelta:
 
 
 @dataclass(frozen=True)
-class EditResult:
-    """What a method computes for a batch of requests: deltas to apply (or an artifact
-    that wraps the model, for methods that change no weights) and diagnostics."""
+class MemoryEntry:
+    """One edit as a memory method stores it: `key` is the text retrieval matches a query
+    against (the edit's prompt or question), `text` the fact as a sentence, `fields` any
+    further strings a method needs (subject, target_new, feedback...)."""
 
-    deltas: tuple[WeightDelta, ...]
+    key: str
+    text: str
+    case_id: str = ""
+    fields: tuple[tuple[str, str], ...] = ()
+
+    def get(self, name: str, default: str = "") -> str:
+        return dict(self.fields).get(name, default)
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "text": self.text, "case_id": self.case_id, "fields": [list(f) for f in self.fields]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "MemoryEntry":
+        return cls(d["key"], d["text"], d.get("case_id", ""), tuple((a, b) for a, b in d.get("fields", [])))
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """What a method computes for a batch of requests: weight deltas to apply, memory
+    entries to add (memory methods), or both, and diagnostics. The caller applies both."""
+
+    deltas: tuple[WeightDelta, ...] = ()
     info: dict = field(default_factory=dict)
+    memory: tuple[MemoryEntry, ...] = ()

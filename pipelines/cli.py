@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-COMMANDS = ["models", "data", "generate", "edit_local", "stats", "edit", "export", "ui", "quickstart"]
+COMMANDS = ["models", "methods", "data", "generate", "edit_local", "stats", "edit", "export", "ui", "quickstart"]
 
 
 def build_parser() -> argparse.ArgumentParser:

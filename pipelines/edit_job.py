@@ -124,6 +124,8 @@ class EditStream:
         method = get_method(self.cfg.method)
         mcfg = make_config(method.config_cls, lm, self.cfg.set)
         sites = [k.site for k in method.required_stats(mcfg, lm)]
+        if not sites:   # a method without statistics (fine-tuning, memory methods)
+            return
         corpus = open_corpus(self.cfg.stats_corpus)
         store = StatsStore()
         specs = store.specs(lm, sites, corpus, n_samples=mcfg.mom2_n_samples, max_length=mcfg.mom2_max_length)
@@ -216,6 +218,7 @@ class EditStream:
                        disable=not self.show_progress)
             for b in range(start, len(batches)):
                 rec = ed.edit_batch(batches[b], backend)
+                rec.pop("memory", None)   # held by ed.memory, checkpointed through ed.state_dict()
                 if backend is not None:
                     backend.broadcast(rec.pop("deltas"))
                 else:
@@ -281,12 +284,12 @@ class EditStream:
 
     def _checkpoint(self, ckm, ed, n_batches, edits, ident, ihash, rows, records) -> None:
         weights = read_weights(ed.lm, ed.applier.originals)
-        st = getattr(ed.method, "state_tensors", None)
-        state_tensors = st(ed.state) if st else {}
+        state_tensors, method_state = ed.state_dict()
         baseline = [[k[0], k[1], k[2], v] for k, v in (ed._baseline or {}).items()]
         state = {"cursor": {"edits": edits, "batches": n_batches}, "rng": _rng_state(), "identity": ident,
                  "identity_hash": ihash, "metrics": rows, "batches": records, "baseline": baseline,
-                 "weights_hash": tensors_hash(weights), "history": ed.history}
+                 "weights_hash": tensors_hash(weights), "history": ed.history,
+                 "method_state": method_state}
         path = ckm.save(edits, weights, state_tensors, state)
         log.info("checkpoint %s", path)
 
@@ -295,9 +298,8 @@ class EditStream:
         write_weights(ed.lm, ck.weights)
         if tensors_hash(read_weights(ed.lm, ck.weights)) != ck.state["weights_hash"]:
             raise BadInputError("restored weights do not match the checkpoint's hash", file=str(ck.path))
-        load_st = getattr(ed.method, "load_state_tensors", None)
-        if load_st and ck.state_tensors:
-            ed.state = load_st(ed.state, ck.state_tensors)
+        if ck.state_tensors or ck.state.get("method_state"):
+            ed.load_state_dict(ck.state_tensors, ck.state.get("method_state", {}))
         ed._baseline = {(c, p, a): v for c, p, a, v in ck.state["baseline"]}
         ed.history[:] = ck.state["history"]
         _set_rng(ck.state["rng"])

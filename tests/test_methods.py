@@ -159,9 +159,9 @@ def test_alphaedit_update_leaves_preserved_keys_unchanged(lm, reqs):
 
     import tempfile, os
     with tempfile.TemporaryDirectory() as d:  # the state goes through a safetensors file
-        save_file(m.state_tensors(state2), os.path.join(d, "state.safetensors"))
+        save_file(m.state_dict(state2)[0], os.path.join(d, "state.safetensors"))
         tensors = load_file(os.path.join(d, "state.safetensors"))
-    again = m.load_state_tensors(state, tensors)
+    again = m.load_state_dict(state, tensors, m.state_dict(state2)[1])
     assert all(torch.equal(again["KpKp"][l], state2["KpKp"][l]) for l in cfg.layers)
 
 

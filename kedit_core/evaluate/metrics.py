@@ -45,7 +45,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kedit_core.evaluate.scoring import score
+from kedit_core.edited import EditedModel, as_view
 from kedit_core.models.loader import LoadedModel
 from kedit_core.types import EditRequest
 
@@ -57,18 +57,21 @@ def _hmean(xs: Sequence[float]) -> float:
     return len(xs) / sum(1 / x for x in xs)
 
 
-def baseline_predictions(lm: LoadedModel, requests: Sequence[EditRequest]) -> dict:
+def baseline_predictions(model: LoadedModel | EditedModel, requests: Sequence[EditRequest]) -> dict:
     """Greedy predictions of the unedited model on the neighbourhood answers (zsRE-style
     locality compares against these)."""
     nb = [(r.case_id, n) for r in requests for n in r.neighborhood]
-    s = score(lm, [n.prompt for _, n in nb], [n.answer for _, n in nb])
+    s = as_view(model).score([n.prompt for _, n in nb], [n.answer for _, n in nb])
     return {(cid, n.prompt, n.answer): am for (cid, n), am in zip(nb, s.argmax)}
 
 
-def evaluate_requests(lm: LoadedModel, requests: Sequence[EditRequest], *, baseline: dict | None = None,
-                      fluency: bool = False, generation: bool = True) -> dict[str, float]:
+def evaluate_requests(model: LoadedModel | EditedModel, requests: Sequence[EditRequest], *,
+                      baseline: dict | None = None, fluency: bool = False, generation: bool = True
+                      ) -> dict[str, float]:
     """All metrics the requests' material allows, as one flat dict (names in the module
-    docstring). `generation=False` skips the greedy-generation metrics."""
+    docstring), through the edited model's `score` and `generate` only (any family of
+    method). `generation=False` skips the greedy-generation metrics."""
+    view = as_view(model)
     # One scoring pass over every (prompt, answer) pair needed.
     pairs: list[tuple[str, str]] = []
 
@@ -84,7 +87,7 @@ def evaluate_requests(lm: LoadedModel, requests: Sequence[EditRequest], *, basel
              "nb": [(add(n.prompt, n.answer), add(n.prompt, r.target_new), n) for n in r.neighborhood],
              "port": [add(x.prompt, x.answer) for x in r.portability]}
         plan.append(e)
-    s = score(lm, [p for p, _ in pairs], [a for _, a in pairs])
+    s = view.score([p for p, _ in pairs], [a for _, a in pairs])
     nll, acc, am = s.mean_nll, s.token_acc, s.argmax
     P = [math.exp(-x) for x in nll]        # per-token geometric-mean probabilities
     allok = [float(x == 1.0) for x in acc]  # every target token is the argmax
@@ -126,11 +129,11 @@ def evaluate_requests(lm: LoadedModel, requests: Sequence[EditRequest], *, basel
         out["score"] = _hmean([out.get("efficacy_score"), out.get("paraphrase_score"),
                                out.get("neighborhood_score")])
     if generation and requests:
-        out.update(generation_metrics(lm, requests))
+        out.update(generation_metrics(view, requests))
     if fluency:
         gens = [p for r in requests for p in r.generation_prompts]
         if gens:
-            out["fluency"] = generation_entropy(lm, gens)
+            out["fluency"] = generation_entropy(view, gens)
     return out
 
 
@@ -145,13 +148,14 @@ def starts_with_target(continuation: str, target: str) -> bool:
     return bool(t) and _norm(continuation).startswith(t)
 
 
-def generation_metrics(lm: LoadedModel, requests: Sequence[EditRequest], *, batch: int = 64
+def generation_metrics(model: LoadedModel | EditedModel, requests: Sequence[EditRequest], *, batch: int = 64
                        ) -> dict[str, float]:
     """rewrite_gen / paraphrase_gen: greedy continuations of the rewrite prompt and of each
     paraphrase, each long enough for the target (its token count + 2)."""
-    from kedit_core.generation import greedy
     from kedit_core.zopt import target_ids
 
+    view = as_view(model)
+    lm = view.lm
     jobs: list[tuple[int, str, str, str]] = []   # (request, kind, prompt, target)
     for i, r in enumerate(requests):
         jobs.append((i, "rw", r.text, r.target_new))
@@ -161,7 +165,7 @@ def generation_metrics(lm: LoadedModel, requests: Sequence[EditRequest], *, batc
     ok = [False] * len(jobs)
     for s0 in range(0, len(order), batch):
         idx = order[s0:s0 + batch]
-        texts = greedy(lm, [jobs[j][2] for j in idx], max(need[j] for j in idx))
+        texts = view.generate([jobs[j][2] for j in idx], max(need[j] for j in idx))
         for j, t in zip(idx, texts):
             ok[j] = starts_with_target(t, jobs[j][3])
     rw = [float(ok[j]) for j, job in enumerate(jobs) if job[1] == "rw"]
@@ -190,10 +194,9 @@ def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
     return float(np.average(ents, weights=weights))
 
 
-def generation_entropy(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 50) -> float:
-    from kedit_core.generation import greedy
-
+def generation_entropy(model: LoadedModel | EditedModel, prompts: Sequence[str], max_new_tokens: int = 50) -> float:
+    view = as_view(model)
     texts = []
     for i in range(0, len(prompts), 32):
-        texts += greedy(lm, prompts[i:i + 32], max_new_tokens)
+        texts += view.generate(prompts[i:i + 32], max_new_tokens)
     return float(np.mean([ngram_entropy(p + t) for p, t in zip(prompts, texts)]))

@@ -1,4 +1,30 @@
-"""The method interface, typed configs with per-architecture defaults, and the registry."""
+"""The method interface, typed configs with per-architecture defaults, and the registry.
+
+One protocol serves every family of editor (DESIGN.md section 3):
+
+    family          compute() yields             sequential state         needs
+    closed-form     weight deltas                K_p K_p^T (AlphaEdit)    statistics
+    gradient        weight deltas                -                        -
+    hyper-network   weight deltas                the trained editor       a trained editor
+    memory          a memory update              (the memory)             an encoder
+    memory+model    a memory update              (the memory)             editor + encoder
+
+A method is a class registered by name with
+  name, config_cls, info (MethodInfo: family, needs, paper)
+  required_stats(cfg, lm)            -> [StatKey]           (statistics it needs; may be [])
+  prepare(lm, cfg, stats)            -> state               (once, before the first batch)
+  compute(lm, requests, state, backend=None) -> (EditResult, state)
+                                        deltas and/or memory entries; leaves `lm` unchanged
+  state_dict(state) -> (tensors, meta)   and   load_state_dict(state, tensors, meta) -> state
+                                        the sequential state as safetensors + JSON (optional:
+                                        a stateless method inherits `Stateless`'s)
+  wrap(base, state, memory) -> EditedModel
+                                        what evaluation, generation and export see (optional:
+                                        the base model with its deltas, `Stateless.wrap`)
+The caller (kedit_core.editor.Editor, the Ray stream driver) applies the deltas, adds the
+memory entries to the Editor's `EditMemory`, checkpoints `state_dict` and the memory, and
+never asks which method ran.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +43,39 @@ def hp(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+FAMILIES = ("closed-form", "gradient", "hyper-network", "memory", "memory+model")
+NEEDS = ("statistics", "editor", "encoder")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    family: str                      # one of FAMILIES
+    paper: str                       # "Author et al. YEAR, arXiv ID"
+    needs: tuple[str, ...] = ()      # of NEEDS
+    summary: str = ""
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}")
+        bad = [n for n in self.needs if n not in NEEDS]
+        if bad:
+            raise ValueError(f"unknown needs {bad}")
+
+
 @dataclass(frozen=True, kw_only=True)
-class EditConfig:
+class MethodConfig:
+    """Base of every method's config: typed fields with `help` metadata (`hp`) and a table
+    of per-architecture defaults."""
+
+    # (family, n_layers, hidden) -> overrides, per method; filled by subclasses.
+    ARCH_DEFAULTS: ClassVar[dict[tuple[str, int, int], dict[str, Any]]] = {}
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditConfig(MethodConfig):
     """Fields every locate-and-edit method shares (names follow the reference hparams)."""
 
     layers: tuple[int, ...] = hp((4, 5, 6, 7, 8), "decoder blocks whose MLP output projection is edited")
@@ -32,18 +89,12 @@ class EditConfig:
     mom2_n_samples: int = hp(100_000, "texts of the statistics corpus (reference: 100,000 Wikipedia texts)")
     mom2_max_length: int = hp(128, "tokens per statistics text")
 
-    # (family, n_layers, hidden) -> overrides, per method; filled by subclasses.
-    ARCH_DEFAULTS: ClassVar[dict[tuple[str, int, int], dict[str, Any]]] = {}
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 def model_key(lm: LoadedModel) -> tuple[str, int, int]:
     return (lm.arch.family, lm.n_layers, lm.arch.dims(lm.model, "blocks.0.mlp.out")[0])
 
 
-def make_config(cls: type[EditConfig], lm: LoadedModel | None, overrides: dict[str, Any]) -> EditConfig:
+def make_config(cls: type[MethodConfig], lm: LoadedModel | None, overrides: dict[str, Any]) -> MethodConfig:
     """Dataclass defaults, then the table entry for this model, then the user's overrides
     (unknown names and wrong types are refused, naming the field)."""
     names = {f.name: f for f in fields(cls)}
@@ -55,7 +106,7 @@ def make_config(cls: type[EditConfig], lm: LoadedModel | None, overrides: dict[s
             raise BadInputError(f"unknown hyper-parameter for {cls.__name__} (known: {', '.join(names)})", field=k)
         values[k] = _coerce(names[k], v)
     cfg = cls(**values)
-    if lm is not None:
+    if lm is not None and hasattr(cfg, "layers"):
         bad = [l for l in cfg.layers if not 0 <= l < lm.n_layers]
         if bad:
             raise BadInputError(f"layers {bad} out of range for a {lm.n_layers}-layer model", field="layers")
@@ -80,23 +131,53 @@ def _coerce(f: dataclasses.Field, v: Any) -> Any:
 
 class EditMethod(Protocol):
     name: ClassVar[str]
-    config_cls: ClassVar[type[EditConfig]]
+    config_cls: ClassVar[type[MethodConfig]]
+    info: ClassVar[MethodInfo]
 
-    def required_stats(self, cfg: EditConfig, lm: LoadedModel) -> list[StatKey]: ...
+    def required_stats(self, cfg: MethodConfig, lm: LoadedModel) -> list[StatKey]: ...
 
-    def prepare(self, lm: LoadedModel, cfg: EditConfig, stats: dict[str, Any]) -> Any: ...
+    def prepare(self, lm: LoadedModel, cfg: MethodConfig, stats: Any) -> Any: ...
 
     def compute(self, lm: LoadedModel, requests: Sequence[EditRequest], state: Any, backend: Any = None
                 ) -> tuple[EditResult, Any]:
-        """Deltas for `requests` and the next state; leaves `lm` unchanged. `backend` runs
-        the per-request work (methods.common.LocalBackend on `lm` when None; the Ray
-        pipeline passes one that shards it over actors)."""
+        """Deltas and/or memory entries for `requests` and the next state; leaves `lm`
+        unchanged. `backend` runs the per-request work (methods.common.LocalBackend on `lm`
+        when None; the Ray pipeline passes one that shards it over actors)."""
+
+    def state_dict(self, state: Any) -> tuple[dict[str, Any], dict]: ...
+
+    def load_state_dict(self, state: Any, tensors: dict[str, Any], meta: dict) -> Any: ...
+
+    def wrap(self, base: Any, state: Any, memory: Any) -> Any: ...
+
+
+class Stateless:
+    """Defaults for the optional parts of the protocol: no sequential state to save, no
+    statistics, and the edited model is the base model with its deltas applied."""
+
+    def required_stats(self, cfg, lm) -> list[StatKey]:
+        return []
+
+    def prepare(self, lm, cfg, stats) -> dict:
+        return {"cfg": cfg}
+
+    def state_dict(self, state) -> tuple[dict, dict]:
+        return {}, {}
+
+    def load_state_dict(self, state, tensors: dict, meta: dict):
+        return state
+
+    def wrap(self, base, state, memory):
+        return base
 
 
 _REGISTRY: dict[str, type] = {}
 
 
 def register(cls):
+    for attr in ("name", "config_cls", "info"):
+        if not hasattr(cls, attr):
+            raise TypeError(f"{cls.__name__} lacks {attr!r}: every method declares name, config_cls and info")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -111,3 +192,13 @@ def get_method(name: str) -> EditMethod:
 
 def available_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def describe_methods() -> list[dict]:
+    """One row per registered method: name, family, needs, paper, summary (`kedit methods`)."""
+    rows = []
+    for name in sorted(_REGISTRY):
+        info: MethodInfo = _REGISTRY[name].info
+        rows.append({"name": name, "family": info.family, "needs": list(info.needs), "paper": info.paper,
+                     "summary": info.summary})
+    return rows

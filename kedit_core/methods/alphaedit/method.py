@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 
 from kedit_core.linalg import solve
-from kedit_core.methods.base import EditConfig, hp, register
+from kedit_core.methods.base import EditConfig, MethodInfo, Stateless, hp, register
 from kedit_core.methods.common import LocalBackend, mlp_out_stats, spread_over_layers
 from kedit_core.types import EditResult, StatKey
 
@@ -59,9 +59,11 @@ class AlphaEditConfig(EditConfig):
 
 
 @register
-class AlphaEdit:
+class AlphaEdit(Stateless):
     name: ClassVar[str] = "alphaedit"
     config_cls: ClassVar = AlphaEditConfig
+    info: ClassVar = MethodInfo("closed-form", "Fang et al. 2025, arXiv 2410.02355", ("statistics",),
+                                summary="MEMIT projected onto the null space of preserved keys")
 
     def required_stats(self, cfg: AlphaEditConfig, lm) -> list[StatKey]:
         return mlp_out_stats(lm, cfg.layers)
@@ -87,10 +89,9 @@ class AlphaEdit:
         new_state = dict(state, KpKp={l: KpKp[l] + new_kk[l] for l in cfg.layers})
         return EditResult(tuple(deltas), info), new_state
 
-    @staticmethod
-    def state_tensors(state) -> dict[str, torch.Tensor]:
-        return {f"KpKp.{l}": t for l, t in state["KpKp"].items()}
+    def state_dict(self, state) -> tuple[dict[str, torch.Tensor], dict]:
+        """K_p K_p^T per layer (float64, exact bits)."""
+        return {f"KpKp.{l}": t for l, t in state["KpKp"].items()}, {"layers": list(state["KpKp"])}
 
-    @staticmethod
-    def load_state_tensors(state, tensors: dict[str, torch.Tensor]) -> dict:
+    def load_state_dict(self, state, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         return dict(state, KpKp={l: tensors[f"KpKp.{l}"] for l in state["KpKp"]})

@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 
 from kedit_core.linalg import solve_spd
-from kedit_core.methods.base import EditConfig, hp, register
+from kedit_core.methods.base import EditConfig, MethodInfo, Stateless, hp, register
 from kedit_core.methods.common import LocalBackend, mlp_out_stats, spread_over_layers
 from kedit_core.types import EditResult, StatKey
 
@@ -55,9 +55,11 @@ class MemitConfig(EditConfig):
 
 
 @register
-class MEMIT:
+class MEMIT(Stateless):
     name: ClassVar[str] = "memit"
     config_cls: ClassVar = MemitConfig
+    info: ClassVar = MethodInfo("closed-form", "Meng et al. 2023, arXiv 2210.07229", ("statistics",),
+                                summary="batched least-squares updates spread over several MLP projections")
 
     def required_stats(self, cfg: MemitConfig, lm) -> list[StatKey]:
         return mlp_out_stats(lm, cfg.layers)

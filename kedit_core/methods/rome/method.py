@@ -36,7 +36,7 @@ import torch
 
 from kedit_core.apply import temporarily_applied
 from kedit_core.linalg import solve_spd
-from kedit_core.methods.base import EditConfig, hp, register
+from kedit_core.methods.base import EditConfig, MethodInfo, Stateless, hp, register
 from kedit_core.methods.common import mlp_out_stats, zopt_config
 from kedit_core.types import EditResult, StatKey, WeightDelta
 from kedit_core.zopt import hidden_at_subject, optimize_targets, rome_context_templates
@@ -60,9 +60,11 @@ class RomeConfig(EditConfig):
 
 
 @register
-class ROME:
+class ROME(Stateless):
     name: ClassVar[str] = "rome"
     config_cls: ClassVar = RomeConfig
+    info: ClassVar = MethodInfo("closed-form", "Meng et al. 2022, arXiv 2202.05262", ("statistics",),
+                                summary="rank-one update of one MLP projection")
 
     def required_stats(self, cfg: RomeConfig, lm) -> list[StatKey]:
         return mlp_out_stats(lm, cfg.layers[:1]) if cfg.mom2_adjustment else []
