@@ -90,7 +90,7 @@ class Editor:
         with torch.no_grad():
             self._baseline.update(baseline_predictions_unedited(self, batch))
         t0 = time.perf_counter()
-        result, self.state = self.method.compute(self.lm, batch, self.state, backend)
+        result, self.state = self.method.compute(self.lm, batch, self.state, backend, memory=self.memory)
         self.applier.apply(result.deltas)
         if result.memory:
             if self.memory is None:

@@ -13,8 +13,9 @@ A method is a class registered by name with
   name, config_cls, info (MethodInfo: family, needs, paper)
   required_stats(cfg, lm)            -> [StatKey]           (statistics it needs; may be [])
   prepare(lm, cfg, stats)            -> state               (once, before the first batch)
-  compute(lm, requests, state, backend=None) -> (EditResult, state)
+  compute(lm, requests, state, backend=None, memory=None) -> (EditResult, state)
                                         deltas and/or memory entries; leaves `lm` unchanged
+                                        (`memory`: the Editor's memory as it is, read-only)
   state_dict(state) -> (tensors, meta)   and   load_state_dict(state, tensors, meta) -> state
                                         the sequential state as safetensors + JSON (optional:
                                         a stateless method inherits `Stateless`'s)
@@ -138,8 +139,8 @@ class EditMethod(Protocol):
 
     def prepare(self, lm: LoadedModel, cfg: MethodConfig, stats: Any) -> Any: ...
 
-    def compute(self, lm: LoadedModel, requests: Sequence[EditRequest], state: Any, backend: Any = None
-                ) -> tuple[EditResult, Any]:
+    def compute(self, lm: LoadedModel, requests: Sequence[EditRequest], state: Any, backend: Any = None,
+                memory: Any = None) -> tuple[EditResult, Any]:
         """Deltas and/or memory entries for `requests` and the next state; leaves `lm`
         unchanged. `backend` runs the per-request work (methods.common.LocalBackend on `lm`
         when None; the Ray pipeline passes one that shards it over actors)."""

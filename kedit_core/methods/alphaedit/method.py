@@ -73,7 +73,7 @@ class AlphaEdit(Stateless):
         d = {l: P[l].shape[0] for l in cfg.layers}
         return {"cfg": cfg, "P": P, "KpKp": {l: torch.zeros(d[l], d[l], dtype=torch.float64) for l in cfg.layers}}
 
-    def compute(self, lm, requests, state, backend=None):
+    def compute(self, lm, requests, state, backend=None, memory=None):
         cfg: AlphaEditConfig = state["cfg"]
         P, KpKp = state["P"], state["KpKp"]
         backend = backend or LocalBackend(lm, cfg.v_batch_size)

@@ -159,7 +159,7 @@ def finetune_delta(lm, requests: Sequence[EditRequest], cfg: FTConfig) -> tuple[
 
 
 class _FT(Stateless):
-    def compute(self, lm, requests, state, backend=None):
+    def compute(self, lm, requests, state, backend=None, memory=None):
         # One optimisation over the whole batch on the driver's replica; in the Ray stream the
         # resulting dense deltas are broadcast to the workers like any other method's.
         deltas, info = finetune_delta(lm, requests, state["cfg"])

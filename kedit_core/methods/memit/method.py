@@ -67,7 +67,7 @@ class MEMIT(Stateless):
     def prepare(self, lm, cfg: MemitConfig, stats) -> dict:
         return {"cfg": cfg, "C": {l: stats[lm.arch.mlp_out_site(l)].mean() for l in cfg.layers}}
 
-    def compute(self, lm, requests, state, backend=None):
+    def compute(self, lm, requests, state, backend=None, memory=None):
         cfg: MemitConfig = state["cfg"]
         backend = backend or LocalBackend(lm, cfg.v_batch_size)
 

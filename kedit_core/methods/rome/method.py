@@ -76,7 +76,7 @@ class ROME(Stateless):
         C = stats[lm.arch.mlp_out_site(cfg.layers[0])].mean() if cfg.mom2_adjustment else None
         return {"cfg": cfg, "C": C}
 
-    def compute(self, lm, requests, state, backend=None):
+    def compute(self, lm, requests, state, backend=None, memory=None):
         # ROME's edits are rank-one and strictly one after another: it always runs on `lm`
         # (in the Ray pipeline, on the driver's replica); `backend` is accepted and unused.
         cfg: RomeConfig = state["cfg"]
