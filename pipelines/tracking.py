@@ -4,6 +4,10 @@ One stream = one MLflow run. Its id is kept in RUN_DIR/mlflow.json so that a res
 continues the same run. Metrics are logged with step = number of edits applied so far.
 The default store is SQLite in the output directory's parent (no server needed; MLflow 3
 refuses the old file store), with artifacts beside it in `mlartifacts/`.
+
+The store being down, slow or locked never stops or stalls a stream: see `Tracker` (every
+call goes through a bounded background queue; what could not be sent is re-logged from the
+checkpoints by a resumed stream).
 """
 
 from __future__ import annotations
@@ -49,13 +53,16 @@ class Tracker:
     The caller waits at most `timeout_s` for its own operation; when the store fails or does
     not answer in time the tracker goes offline (one warning per outage), the operation stays
     queued, and later calls return at once while the thread retries the head of the queue
-    every `retry_s` until the store answers again, then sends the rest in order (one info line
-    when it is back). An operation leaves the queue only once the store accepted it, and a
+    every `retry_s` until the store answers again, then sends the rest in order (one line when
+    it is back). A call the store refuses (an invalid value, a deleted run) is dropped with a
+    warning instead of blocking the queue. An operation leaves the queue only once the store accepted it, and a
     metric keeps the timestamp it was measured at, so a retry cannot log it twice. The run
     itself is created (or continued) by the first operation, so a store that is down at
     `start()` gets the run, and RUN_DIR/mlflow.json, when it comes back. `finish()` waits at
     most `flush_s` for the queue to drain and leaves what is left to the re-logging of a
-    resumed stream (`kedit edit --resume RUN_DIR`), saying so.
+    resumed stream (`kedit edit --resume RUN_DIR`), saying so. For an HTTP server, MLflow's
+    own retries are turned off and its request timeout set to timeout_s
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT, unless already set).
     """
 
     def __init__(self, run_dir: str | Path, uri: str | None, experiment: str = "kedit", *,
@@ -69,6 +76,9 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(round(self.timeout_s)))))
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        # MLflow logs a traceback for every failed SQLite call (a locked store): the tracker
+        # reports an outage once instead.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         self.client = None
         self.experiment_id: str | None = None
         self.run_id: str | None = None
@@ -93,6 +103,14 @@ class Tracker:
                 op.result = op.fn()
             except Exception as e:  # noqa: BLE001 - the store is down, slow or locked
                 op.error = e
+                if getattr(e, "error_code", None) in _REFUSED:   # an answer, not an outage: retrying cannot help
+                    log.warning("MLflow store %s refused %s (%s); dropped", self.uri, op.what,
+                                " ".join(str(e).split())[:200])
+                    with self._cv:
+                        self._queue.popleft()
+                        self._cv.notify_all()
+                    op.done.set()
+                    continue
                 self._went_offline(f"{op.what}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
                 with self._cv:
                     if not self._abandon:
@@ -134,6 +152,15 @@ class Tracker:
 
     def pending(self) -> int:
         with self._cv:
+            return len(self._queue)
+
+    def flush(self, timeout_s: float) -> int:
+        """Wait at most timeout_s for the queued calls to reach the store; returns how many
+        are still queued."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while self._queue and not self._abandon and time.monotonic() < deadline:
+                self._cv.wait(min(1.0, max(0.0, deadline - time.monotonic())))
             return len(self._queue)
 
     # ------------------------------------------------------------- the run
@@ -227,10 +254,8 @@ class Tracker:
         flush_s = self.flush_s if flush_s is None else flush_s
         self._submit(lambda: self.client.set_terminated(self.run_id, status=status), f"run status {status}",
                      wait=False)
-        deadline = time.monotonic() + flush_s
+        self.flush(flush_s)
         with self._cv:
-            while self._queue and time.monotonic() < deadline:
-                self._cv.wait(min(1.0, max(0.0, deadline - time.monotonic())))
             left = len(self._queue)
             self._closed = True
             self._abandon = bool(left)
@@ -241,12 +266,16 @@ class Tracker:
                         self.uri, flush_s, left, self.run_dir)
 
     def history(self, key: str) -> list[tuple[int, float]]:
-        """The run's logged (step, value) of `key` (read straight from the store: raises
-        when it does not answer)."""
+        """The run's logged (step, value) of `key`, once the queued calls are sent (waiting
+        at most flush_s), read straight from the store (raises when it does not answer)."""
         import mlflow
 
+        self.flush(self.flush_s)
         client = self.client or mlflow.tracking.MlflowClient(self.uri)
         return [(m.step, m.value) for m in client.get_metric_history(self.run_id, _key(key))]
+
+
+_REFUSED = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS"}
 
 
 def _key(k: str) -> str:
