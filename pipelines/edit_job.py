@@ -211,19 +211,28 @@ class EditStream:
 
         backend = None
         workers = []
-        if use_ray:
-            from pipelines.workers import RayBackend, start_edit_workers
+        try:
+            if use_ray:
+                from pipelines.workers import RayBackend, start_edit_workers
 
-            t0 = time.perf_counter()
-            workers = start_edit_workers(cfg.workers, cfg.model, cfg.dtype, cfg.device, cfg.zopt_chunk,
-                                         zero3=cfg.zero3, ds_config=cfg.ds_config, fingerprint=lm.fingerprint(),
-                                         max_restarts=cfg.actor_max_restarts,
-                                         start_timeout_s=cfg.actor_start_timeout_s)
-            backend = RayBackend(workers, lambda: read_weights(ed.lm, ed.applier.originals, "cpu"),
-                                 call_timeout_s=cfg.actor_call_timeout_s)
-            if start:
-                backend.load_all(start)
-            log.info("%d EditWorker replicas ready in %.1fs", len(workers), time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                workers = start_edit_workers(cfg.workers, cfg.model, cfg.dtype, cfg.device, cfg.zopt_chunk,
+                                             zero3=cfg.zero3, ds_config=cfg.ds_config, fingerprint=lm.fingerprint(),
+                                             max_restarts=cfg.actor_max_restarts,
+                                             start_timeout_s=cfg.actor_start_timeout_s)
+                backend = RayBackend(workers, lambda: read_weights(ed.lm, ed.applier.originals, "cpu"),
+                                     call_timeout_s=cfg.actor_call_timeout_s)
+                if start:
+                    backend.load_all(start)
+                log.info("%d EditWorker replicas ready in %.1fs", len(workers), time.perf_counter() - t0)
+        except BaseException:   # a worker that cannot start: the run is marked failed
+            tracker.finish("FAILED", flush_s=min(cfg.tracking_flush_s, cfg.tracking_timeout_s))
+            if workers:
+                import ray
+
+                for w in workers:
+                    ray.kill(w)
+            raise
         self.backend = backend
 
         try:
