@@ -45,6 +45,12 @@ class RunConfig:
     seed: int = 0
     zero3: bool = False                   # replicas partitioned by DeepSpeed ZeRO-3 (optional extra)
     ds_config: str | None = None          # DeepSpeed JSON for zero3 (default: kedit_core.models.zero3)
+    # Faults: bounded waits everywhere (seconds), bounded actor restarts.
+    tracking_timeout_s: float = 10.0      # wait at most this for one MLflow call, then buffer (store down/slow)
+    tracking_flush_s: float = 60.0        # at the end, wait at most this for buffered MLflow calls
+    actor_start_timeout_s: float = 600.0  # an actor must have loaded its model within this
+    actor_call_timeout_s: float = 3600.0  # one actor call (a batch's share, a statistics shard)
+    actor_max_restarts: int = 3           # a worker process that dies more often than this is given up
 
     # The fields that decide the edited weights: a resumed run must match them.
     IDENTITY = ("model", "method", "data", "limit", "batch_size", "stats_corpus", "dtype", "set",
@@ -71,6 +77,10 @@ def _coerce(name: str, value: Any, where: str | None) -> Any:
             if isinstance(value, str):
                 return value.lower() in ("1", "true", "yes")
             return bool(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
         if isinstance(default, int) or name in ("limit", "eval_limit", "stats_workers"):
             if isinstance(value, bool):
                 raise TypeError
@@ -116,6 +126,12 @@ def build(file: str | Path | None = None, **flags: Any) -> RunConfig:
             raise BadInputError("must be at least 1", file=str(file) if file else None, field=name)
     if cfg.workers < 0:
         raise BadInputError("must be 0 or more", field="workers")
+    for name in ("tracking_timeout_s", "actor_start_timeout_s", "actor_call_timeout_s"):
+        if not getattr(cfg, name) > 0:
+            raise BadInputError("must be more than 0", file=str(file) if file else None, field=name)
+    for name in ("tracking_flush_s", "actor_max_restarts"):
+        if getattr(cfg, name) < 0:
+            raise BadInputError("must be 0 or more", file=str(file) if file else None, field=name)
     return cfg
 
 

@@ -14,6 +14,13 @@ re-running the same command, or `kedit edit --resume RUN_DIR`, continues after t
 complete checkpoint and ends with the same weights as an uninterrupted run (a test kills the
 driver with SIGKILL and compares hashes). A different model, method, dataset or
 hyper-parameter is refused, naming the difference.
+
+Faults: MLflow is never allowed to stop or stall the stream (pipelines.tracking.Tracker
+buffers while the store is down and a resume re-logs what is missing); worker actors are
+waited for with timeouts and restarted a bounded number of times (pipelines.workers); a
+worker failure ends the stream between checkpoints with a one-line error, and replicas that
+are not in step with the driver at the end fail the command (metrics.json is still written,
+marked `replicas_in_step: false`).
 """
 
 from __future__ import annotations
@@ -133,7 +140,9 @@ class EditStream:
         res = run_stats(lm, sites, corpus, n_samples=mcfg.mom2_n_samples, max_length=mcfg.mom2_max_length,
                         workers=workers, store=store, model_spec=self.cfg.model, dtype=self.cfg.dtype,
                         device=self.cfg.device, show_progress=self.show_progress,
-                        zero3=self.cfg.zero3, ds_config=self.cfg.ds_config)
+                        zero3=self.cfg.zero3, ds_config=self.cfg.ds_config,
+                        start_timeout_s=self.cfg.actor_start_timeout_s, call_timeout_s=self.cfg.actor_call_timeout_s,
+                        max_restarts=self.cfg.actor_max_restarts)
         self.stats_throughput = res.get("_throughput")
 
     # ---------------------------------------------------------------- the stream
@@ -181,7 +190,8 @@ class EditStream:
 
         from pipelines.tracking import Tracker
 
-        tracker = Tracker(self.out, cfg.tracking_uri, cfg.experiment)
+        tracker = Tracker(self.out, cfg.tracking_uri, cfg.experiment, timeout_s=cfg.tracking_timeout_s,
+                          flush_s=cfg.tracking_flush_s)
         from kedit_core import __version__
 
         tracker.start(self.out.name, {**{k: v for k, v in cfg.to_dict().items() if k != "set"},
@@ -191,21 +201,42 @@ class EditStream:
         self._relog(tracker, rows, records)
         if finished:
             log.info("stream already finished: %s", self.out / "metrics.json")
+            result = json.loads((self.out / "metrics.json").read_text())
+            for f in ("metrics.json", "metrics.md", "curves.png"):   # the store may have been down at the end
+                if (self.out / f).is_file():
+                    tracker.log_artifact(self.out / f, only_missing=True)
             tracker.finish()
-            return json.loads((self.out / "metrics.json").read_text())
+            if result.get("replicas_in_step") is False:
+                from pipelines.workers import WorkerFailure
+
+                raise WorkerFailure(f"this stream ended with EditWorker replicas out of step with the driver "
+                                    f"(replicas_in_step=false in {self.out / 'metrics.json'})")
+            return result
 
         backend = None
         workers = []
-        if use_ray:
-            from pipelines.workers import RayBackend, start_edit_workers
+        try:
+            if use_ray:
+                from pipelines.workers import RayBackend, start_edit_workers
 
-            t0 = time.perf_counter()
-            workers = start_edit_workers(cfg.workers, cfg.model, cfg.dtype, cfg.device, cfg.zopt_chunk,
-                                         zero3=cfg.zero3, ds_config=cfg.ds_config)
-            backend = RayBackend(workers, lambda: read_weights(ed.lm, ed.applier.originals, "cpu"))
-            if start:
-                backend.load_all(start)
-            log.info("%d EditWorker replicas ready in %.1fs", len(workers), time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                workers = start_edit_workers(cfg.workers, cfg.model, cfg.dtype, cfg.device, cfg.zopt_chunk,
+                                             zero3=cfg.zero3, ds_config=cfg.ds_config, fingerprint=lm.fingerprint(),
+                                             max_restarts=cfg.actor_max_restarts,
+                                             start_timeout_s=cfg.actor_start_timeout_s)
+                backend = RayBackend(workers, lambda: read_weights(ed.lm, ed.applier.originals, "cpu"),
+                                     call_timeout_s=cfg.actor_call_timeout_s)
+                if start:
+                    backend.load_all(start)
+                log.info("%d EditWorker replicas ready in %.1fs", len(workers), time.perf_counter() - t0)
+        except BaseException:   # a worker that cannot start: the run is marked failed
+            tracker.finish("FAILED", flush_s=min(cfg.tracking_flush_s, cfg.tracking_timeout_s))
+            if workers:
+                import ray
+
+                for w in workers:
+                    ray.kill(w)
+            raise
         self.backend = backend
 
         try:
@@ -232,9 +263,8 @@ class EditStream:
                     rows.append(row)
                 if (b + 1) % cfg.checkpoint_every == 0 or last:
                     self._checkpoint(ckm, ed, b + 1, edits, ident, ihash, rows, records)
-                tracker.log_metrics(per_batch, step=edits)
-                if row:
-                    tracker.log_metrics(row, step=edits)
+                # One call per step: a key (seconds_per_edit is in both) is logged once per step.
+                tracker.log_metrics({**(row or {}), **per_batch}, step=edits)
                 bar.update(1)
                 bar.set_postfix(edits=edits, s_edit=f"{rec['seconds_per_edit']:.2f}")
             bar.close()
@@ -242,7 +272,7 @@ class EditStream:
             tracker.finish()
             return result
         except BaseException:
-            tracker.finish("FAILED")
+            tracker.finish("FAILED", flush_s=min(cfg.tracking_flush_s, cfg.tracking_timeout_s))
             raise
         finally:
             if workers:
@@ -303,17 +333,16 @@ class EditStream:
         _set_rng(ck.state["rng"])
 
     def _relog(self, tracker, rows, records) -> None:
-        """Metrics a killed driver computed into a checkpoint but had not logged yet."""
+        """Metrics in the checkpoint that the run does not hold: a killed driver computed
+        them but had not logged them, or the store was down and the previous driver ended
+        before it answered again. Queued on the tracker, so a store that is down now gets
+        them when it answers."""
         if not rows and not records:
             return
-        logged = {s for s, _ in tracker.history("seconds_per_edit")}
-        for rec in records:
-            if rec["edits"] not in logged:
-                tracker.log_metrics({"seconds_per_edit": rec["seconds_per_edit"]}, step=rec["edits"])
-        logged_rows = {s for s, _ in tracker.history("all/efficacy_score")}
-        for row in rows:
-            if row["edits"] not in logged_rows:
-                tracker.log_metrics(row, step=row["edits"])
+        tracker.log_missing([({"seconds_per_edit": r["seconds_per_edit"], "z_loss_mean": r.get("z_loss_mean")},
+                              r["edits"]) for r in records], probe="seconds_per_edit")
+        tracker.log_missing([({k: v for k, v in row.items() if k not in ("seconds_per_edit", "z_loss_mean")},
+                               row["edits"]) for row in rows], probe="all/efficacy_score")
 
     def _finish(self, ed, tracker, reqs, rows, records) -> dict:
         from pipelines.tracking import plot_curves
@@ -329,15 +358,17 @@ class EditStream:
                                         if self.cfg.perplexity_texts else None),
                   "stats_throughput": self.stats_throughput,
                   "worker_recoveries": getattr(self.backend, "recoveries", 0) if self.backend else 0}
+        mismatch = None
         if self.backend is not None:  # every replica must hold exactly the driver's weights
-            import ray
-
             driver = tensors_hash(dict(iter_full_state(ed.lm)))
-            replicas = ray.get([w.weights_hash.remote() for w in self.backend.workers])
+            replicas = self.backend.gather("weights_hash")
             result["replicas_in_step"] = all(h == driver for h in replicas)
-            result["replicas"] = ray.get([w.describe.remote() for w in self.backend.workers])
+            result["replicas"] = self.backend.gather("describe")
             if not result["replicas_in_step"]:
-                log.error("a worker replica's weights differ from the driver's")
+                bad = [i for i, h in enumerate(replicas) if h != driver]
+                mismatch = (f"EditWorker replica(s) {bad} hold weights that differ from the driver's "
+                            f"(sha256 {driver[:12]}); the results in {self.out / 'metrics.json'} are marked "
+                            "replicas_in_step=false; the checkpoints hold the driver's weights")
         atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=1, default=str))
         table = self.out / "metrics.md"
         keys = sorted({k for r in rows for k in r if k.startswith(("all/", "first/", "latest/")) or k == "perplexity"})
@@ -349,4 +380,8 @@ class EditStream:
         png = plot_curves(rows, self.out / "curves.png", f"{self.cfg.method} on {self.cfg.model}")
         for f in (self.out / "metrics.json", table, png):
             tracker.log_artifact(f)
+        if mismatch:
+            from pipelines.workers import WorkerFailure
+
+            raise WorkerFailure(mismatch)
         return result
