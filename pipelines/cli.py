@@ -46,6 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         print("kedit: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
+        from pipelines.workers import WorkerFailure
+
+        if isinstance(e, WorkerFailure):
+            # a worker that cannot go on: not the user's input (exit 1), not an internal error;
+            # the message says what happened and that the run directory resumes
+            if args.verbose:
+                logging.exception("worker failure")
+            print(f"kedit: worker failure: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
         logging.getLogger("kedit").debug("internal error", exc_info=True)
         msg = " ".join(str(e).split())[:300]
         print(f"kedit: internal error: {type(e).__name__}: {msg} (run with -v for the traceback)",

@@ -37,6 +37,16 @@ def add_parser(sub) -> None:
     p.add_argument("--experiment", default=None)
     p.add_argument("--ray-address", default=None)
     p.add_argument("--skip-invalid", action="store_true", default=None)
+    p.add_argument("--tracking-timeout-s", type=float, default=None,
+                   help="wait at most this for one MLflow call before buffering it (default 10)")
+    p.add_argument("--tracking-flush-s", type=float, default=None,
+                   help="at the end, wait at most this for buffered MLflow calls (default 60)")
+    p.add_argument("--actor-start-timeout-s", type=float, default=None,
+                   help="a Ray actor must have loaded its model within this (default 600)")
+    p.add_argument("--actor-call-timeout-s", type=float, default=None,
+                   help="one actor call (a batch's share) must finish within this (default 3600)")
+    p.add_argument("--actor-max-restarts", type=int, default=None,
+                   help="a worker process that dies more often than this is given up (default 3)")
     p.add_argument("--zero3", action="store_true", default=None,
                    help="load the driver's and the workers' models partitioned by DeepSpeed ZeRO-3 "
                         "(pip install 'kedit[deepspeed]'), for a replica larger than one GPU")
@@ -55,7 +65,8 @@ def config_from_args(args):
                                            "out", "stats_corpus", "dtype", "device", "perplexity_texts",
                                            "perplexity_corpus", "zsre_convention",
                                            "tracking_uri", "experiment", "ray_address", "skip_invalid",
-                                           "zero3", "ds_config")}
+                                           "zero3", "ds_config", "tracking_timeout_s", "tracking_flush_s",
+                                           "actor_start_timeout_s", "actor_call_timeout_s", "actor_max_restarts")}
     file = args.config
     if args.resume:
         run_json = Path(args.resume) / "run.json"
