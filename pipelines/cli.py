@@ -5,10 +5,15 @@ into exit codes: 0 ok, 2 bad input (one line naming file, record and field), 1 i
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
 import sys
+
+# errno values of an OSError that the user can fix (the path they gave, their disk).
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                  errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
 
 COMMANDS = ["models", "data", "generate", "edit_local", "stats", "edit", "export", "ui", "quickstart"]
 
@@ -42,15 +47,30 @@ def main(argv: list[str] | None = None) -> int:
             logging.exception("bad input")
         print(f"kedit: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # A write or read the operating system refused on a path the user chose (read-only
+        # or full disk, no permission, a file where a directory belongs): bad input, naming
+        # the path. Other OSErrors (without a path, or a missing file) stay internal errors.
+        if e.errno not in USER_OS_ERRORS or not (e.filename or e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return _internal(e)
+        if args.verbose:
+            logging.exception("bad input")
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"kedit: error: {where}{e.strerror or os.strerror(e.errno)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("kedit: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
-        logging.getLogger("kedit").debug("internal error", exc_info=True)
-        msg = " ".join(str(e).split())[:300]
-        print(f"kedit: internal error: {type(e).__name__}: {msg} (run with -v for the traceback)",
-              file=sys.stderr)
-        return 1
+        return _internal(e)
+
+
+def _internal(e: BaseException) -> int:
+    logging.getLogger("kedit").debug("internal error", exc_info=e)
+    msg = " ".join(str(e).split())[:300]
+    print(f"kedit: internal error: {type(e).__name__}: {msg} (run with -v for the traceback)",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

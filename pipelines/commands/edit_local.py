@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--perplexity-texts", type=int, default=100,
                    help="held-out texts for perplexity (0: skip; default: %(default)s)")
     p.add_argument("--no-export", action="store_true", help="write deltas only, not the HF model")
+    p.add_argument("--strict", action="store_true", help="refuse duplicate case ids (by default a warning)")
     p.set_defaults(func=run)
 
 
@@ -50,13 +51,22 @@ def run(args) -> int:
     from kedit_core.data import load_requests
     from kedit_core.errors import BadInputError
 
+    from pipelines.commands import check_output_dir
+
+    for name in ("batch_size",):
+        if getattr(args, name) < 1:
+            raise BadInputError(f"must be at least 1, got {getattr(args, name)}", field=name)
+    for name in ("limit", "perplexity_texts"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise BadInputError(f"must be 0 or more, got {getattr(args, name)}", field=name)
     out = Path(args.out)
+    check_output_dir(out)
     if (out / "metrics.json").exists():
         raise BadInputError("already holds a finished run (metrics.json); choose another --out",
                             file=str(out))
     console = Console()
     reqs = load_requests(None if args.data == "builtin" else args.data, limit=args.limit,
-                         skip_invalid=args.skip_invalid)
+                         skip_invalid=args.skip_invalid, strict=args.strict)
     if not reqs:
         raise BadInputError("no edit requests to apply", file=args.data)
     ed = Editor(args.model, args.method, args.stats_corpus, device=args.device, dtype=args.dtype,
