@@ -1,6 +1,9 @@
 """The `kedit` command line. Each subcommand is one module in `pipelines.commands` with
 `add_parser(subparsers)` and `run(args) -> int`; this file only dispatches and turns errors
-into exit codes: 0 ok, 2 bad input (one line naming file, record and field), 1 internal."""
+into exit codes: 0 ok, 2 bad input (one line naming file, record and field), 1 internal.
+An OSError that the user can fix (USER_OS_ERRORS: a read-only or full disk, no permission, a
+file where a directory belongs) and that names its path is bad input too: one line naming
+the path."""
 
 from __future__ import annotations
 

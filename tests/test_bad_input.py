@@ -627,3 +627,17 @@ def test_edit_workers_0_stays_valid():
     from pipelines.config import build
 
     assert build(None, workers=0, out="x").workers == 0
+
+
+def test_resume_with_the_same_config_is_accepted(base, tmp_path, monkeypatch, capsys):
+    """--config with --resume is allowed when its identity fields match the saved run; the
+    finished run is left as it was."""
+    ws = tmp_path / "ws"
+    shutil.copytree(base, ws)
+    monkeypatch.setenv("KEDIT_CACHE", str(ws / "cache"))
+    y = write_text(ws, "same.yaml", "model: tiny-random-llama\nmethod: memit\nworkers: 0\n")
+    ckpts = sorted(p.name for p in (run_dir(ws) / "checkpoints").iterdir())
+    metrics = (run_dir(ws) / "metrics.json").read_text()
+    assert main(["edit", "--resume", str(run_dir(ws)), "--config", str(y)]) == 0
+    assert sorted(p.name for p in (run_dir(ws) / "checkpoints").iterdir()) == ckpts
+    assert json.loads((run_dir(ws) / "metrics.json").read_text())["n_edits"] == json.loads(metrics)["n_edits"] == 2
