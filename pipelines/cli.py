@@ -65,7 +65,35 @@ def main(argv: list[str] | None = None) -> int:
         print("kedit: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
-        return _internal(e)
+        disk = _disk_error(e)
+        if disk is None:
+            return _internal(e)
+        if args.verbose:
+            logging.exception("bad input")
+        print(f"kedit: error: {disk}", file=sys.stderr)
+        return 2
+
+
+def _disk_error(e: BaseException) -> str | None:
+    """'PATH: reason' for a write that the operating system refused inside a library that
+    reports it as its own error type (safetensors: 'I/O error: ... (os error 30) at path
+    "..."'), when the errno is one the user can fix; else None. A temporary file's path is
+    reported as its directory."""
+    import re
+
+    if type(e).__name__ != "SafetensorError":
+        return None
+    text = str(e)
+    m = re.search(r"\(os error (\d+)\)", text)
+    if not m or int(m.group(1)) not in USER_OS_ERRORS:
+        return None
+    path = re.search(r'at path "([^"]+)"', text)
+    where = ""
+    if path:
+        p = path.group(1)
+        name = os.path.basename(p)
+        where = (os.path.dirname(p) if name.startswith(".") or ".tmp" in name else p) + ": "
+    return f"{where}{os.strerror(int(m.group(1)))}"
 
 
 def _internal(e: BaseException) -> int:

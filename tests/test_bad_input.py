@@ -271,6 +271,12 @@ def c_corpus_one_token_texts(ws, m):
     return argv, [str(p), "field 'stats_corpus'", "no usable text"]
 
 
+def c_stats_command_one_token_corpus(ws, m):
+    p = write_text(ws, "short.txt", "x\ny\n\n = Heading = \n")
+    return ["stats", "--model", TINY, "--device", "cpu", "--layers", "1,2", "--corpus", str(p)], \
+        [str(p), "field 'stats_corpus'", "no usable text"]
+
+
 def c_stats_corpus_missing(ws, m):
     return ["stats", "--model", TINY, "--corpus", str(ws / "nope.txt")], [str(ws / "nope.txt"), "field 'stats_corpus'"]
 
@@ -449,6 +455,23 @@ def c_read_only_statistics_cache(ws, m):
     return edit_local(ws, "--limit", "1"), [str(cache / "stats"), "Read-only file system"]
 
 
+def c_read_only_statistics_dir(ws, m):
+    """As above with the statistics directory present (read-only): safetensors reports the
+    refused write as its own error type; the CLI still names the directory."""
+    cache = ws / "rocache"
+    if not _mount(cache, "size=4m"):
+        pytest.skip("a read-only file system is a tmpfs mounted read-only, which needs root and mount")
+    m.append(cache)
+    shutil.copytree(ws / "cache" / "stats", cache / "stats")
+    r = subprocess.run(["mount", "-o", "remount,ro", str(cache)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    os.environ["KEDIT_CACHE"] = str(cache)  # restored by monkeypatch (the test set it first)
+    p = write_text(ws, "corpus2.txt", corpus_text().replace("river", "lake"))  # statistics not cached
+    argv = edit_local(ws, "--limit", "1")
+    argv[argv.index("--stats-corpus") + 1] = str(p)
+    return argv, [str(cache / "stats") + ":", "Read-only file system"]
+
+
 def c_full_disk_export(ws, m):
     full = ws / "full"
     if not _mount(full, "size=64k"):
@@ -530,6 +553,7 @@ CASES = [
     Case("negative-perplexity-texts", c_negative_perplexity_texts),
     Case("corpus-only-blank-lines-and-headings", c_corpus_blank_and_headings),
     Case("corpus-only-one-token-texts", c_corpus_one_token_texts),
+    Case("stats-command-one-token-corpus", c_stats_command_one_token_corpus, subprocess=True),
     Case("unknown-model-type-in-config-json", c_unknown_model_type),
     Case("garbage-model-safetensors", c_garbage_safetensors, subprocess=True),
     Case("cuda0-without-cuda", c_cuda0_without_cuda),
@@ -548,6 +572,7 @@ CASES = [
     Case("read-only-run-dir-resume", c_read_only_run_dir_resume),
     Case("read-only-export-target", c_read_only_export_target),
     Case("read-only-statistics-cache", c_read_only_statistics_cache),
+    Case("read-only-statistics-dir", c_read_only_statistics_dir),
     Case("full-disk-export", c_full_disk_export),
     # classes covered before (tests/test_cli.py, tests/test_readers.py), kept in the table
     Case("unknown-method", c_unknown_method),
