@@ -38,6 +38,7 @@ class RunConfig:
                                           # after the texts the statistics used, else the other built-in)
     zsre_convention: str = "mend"         # zsRE files: "mend" (alt is the new target) or "memit" (answers[0])
     skip_invalid: bool = False
+    strict: bool = False                  # refuse duplicate case ids in the dataset (default: a warning)
     zopt_chunk: int = 64                  # requests optimised together inside a worker (bounded memory)
     tracking_uri: str | None = None       # default: sqlite in the output directory's parent
     experiment: str = "kedit"
@@ -121,17 +122,26 @@ def build(file: str | Path | None = None, **flags: Any) -> RunConfig:
         if v is not None:
             values[k] = _coerce(k, v, None)
     cfg = RunConfig(**values)
-    for name in ("batch_size", "keep_checkpoints", "checkpoint_every"):
-        if getattr(cfg, name) < 1:
-            raise BadInputError("must be at least 1", file=str(file) if file else None, field=name)
-    if cfg.workers < 0:
-        raise BadInputError("must be 0 or more", field="workers")
     for name in ("tracking_timeout_s", "actor_start_timeout_s", "actor_call_timeout_s"):
         if not getattr(cfg, name) > 0:
             raise BadInputError("must be more than 0", file=str(file) if file else None, field=name)
     for name in ("tracking_flush_s", "actor_max_restarts"):
         if getattr(cfg, name) < 0:
             raise BadInputError("must be 0 or more", file=str(file) if file else None, field=name)
+    where = str(file) if file else None
+    for name in ("batch_size", "keep_checkpoints", "checkpoint_every", "eval_limit", "stats_workers"):
+        v = getattr(cfg, name)
+        if v is not None and v < 1:
+            raise BadInputError(f"must be at least 1, got {v}", file=where, field=name)
+    for name in ("workers", "limit", "eval_every", "perplexity_texts", "zopt_chunk"):
+        v = getattr(cfg, name)
+        if v is not None and v < 0:
+            raise BadInputError(f"must be 0 or more, got {v}", file=where, field=name)
+    for name in ("model", "method", "data", "dtype", "device", "experiment"):
+        if not str(getattr(cfg, name)).strip():
+            raise BadInputError("must not be empty", file=where, field=name)
+    if cfg.zsre_convention not in ("mend", "memit"):
+        raise BadInputError("must be mend or memit", file=where, field="zsre_convention")
     return cfg
 
 

@@ -74,7 +74,12 @@ class Corpus:
         h.update(self.text_column.encode())
         return h.hexdigest()
 
-    def texts(self) -> Iterator[str]:
+    def texts(self) -> "CorpusTexts":
+        """The corpus's texts in order (an iterable that knows its source, so that a consumer
+        finding no usable text can name the corpus)."""
+        return CorpusTexts(self)
+
+    def _iter_texts(self) -> Iterator[str]:
         if self.id == "builtin:pydoc":
             yield from _pydoc_texts()
             return
@@ -90,6 +95,31 @@ class Corpus:
             return
         for f in self.files:
             yield from _file_texts(f, self.text_column)
+
+
+class CorpusTexts:
+    """Iterable over a corpus's texts; `source` names the corpus in error messages."""
+
+    def __init__(self, corpus: Corpus):
+        self.corpus = corpus
+        self.source = corpus.id
+
+    def __iter__(self) -> Iterator[str]:
+        return self.corpus._iter_texts()
+
+
+def no_usable_text(source: str | None, detail: str = "") -> BadInputError:
+    """The error for a corpus that yields nothing to compute statistics on."""
+    return BadInputError("the corpus holds no usable text (only blank lines, headings or texts of "
+                         f"fewer than 2 tokens{detail})", file=source, field="stats_corpus")
+
+
+def check_has_text(corpus: Corpus) -> None:
+    """Refuse, reading only up to the first text, a corpus with no non-empty text at all.
+    (Texts too short to use are found by `moments.tokenize_corpus`, which has the tokenizer.)"""
+    for _ in corpus.texts():
+        return
+    raise no_usable_text(corpus.id)
 
 
 def _file_texts(f: Path, column: str) -> Iterator[str]:
