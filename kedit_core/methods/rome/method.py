@@ -52,7 +52,10 @@ class RomeConfig(EditConfig):
     ARCH_DEFAULTS: ClassVar = {
         ("gpt2", 48, 1600): dict(layers=(17,), v_num_grad_steps=20, clamp_norm_factor=4.0),
         ("gptj", 28, 4096): dict(layers=(5,), v_num_grad_steps=20, clamp_norm_factor=4.0),
-        ("llama", 32, 4096): dict(layers=(5,), v_num_grad_steps=25, v_lr=0.5),
+        # Llama-3-8B: the AlphaEdit repository's hparams/ROME/Llama3-8B.json (no C^-1 in the
+        # left vector, weight decay 1e-3).
+        ("llama", 32, 4096): dict(layers=(5,), v_num_grad_steps=25, v_lr=0.5, clamp_norm_factor=4.0,
+                                  v_weight_decay=1e-3, mom2_adjustment=False),
         # SmolLM2-135M: chosen by measurement here.
         ("llama", 30, 576): dict(layers=(5,), v_num_grad_steps=25, clamp_norm_factor=4.0,
                                  mom2_n_samples=2000),
