@@ -1,7 +1,9 @@
 """The configuration of an edit stream: one schema for `kedit edit` flags and YAML files
 (cluster_configs/jobs/*.yaml). Flags override the file. The fields that decide the weights
 form the run's identity; its hash is stored with every checkpoint, and resuming with a
-different identity is refused, naming the fields that differ."""
+different identity is refused, naming the fields that differ. `workers`, `device`, `dtype`
+and `zero3` are not part of it: a resume may change them, and is then exact only up to
+float32 rounding (another sharding of a batch sums in another order)."""
 
 from __future__ import annotations
 
@@ -151,6 +153,17 @@ def identity(cfg: RunConfig, *, data_hash: str, hparams: dict) -> dict:
     d = {k: getattr(cfg, k) for k in RunConfig.IDENTITY}
     d["data_hash"] = data_hash
     d["hparams"] = hparams
+    return json.loads(json.dumps(d, sort_keys=True, default=list))
+
+
+def config_identity(cfg: RunConfig, *, data_hash: str, corpus: dict) -> dict:
+    """The part of the identity known before any model loads: the identity fields, the
+    dataset's content hash and the statistics corpus the run resolves to (id and content
+    hash: `stats_corpus: null` means WikiText-2 where ../shared is present, else the standard
+    library's docstrings, so a resume on another machine must resolve to the same)."""
+    d = {k: getattr(cfg, k) for k in RunConfig.IDENTITY}
+    d["data_hash"] = data_hash
+    d["corpus"] = corpus
     return json.loads(json.dumps(d, sort_keys=True, default=list))
 
 

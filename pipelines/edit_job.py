@@ -40,7 +40,7 @@ from kedit_core.apply import read_weights, write_weights
 from kedit_core.errors import BadInputError
 from kedit_core.models.loader import iter_full_state
 from pipelines.checkpoint import CheckpointManager, atomic_write_text, tensors_hash
-from pipelines.config import RunConfig, differences, identity, identity_hash
+from pipelines.config import RunConfig, config_identity, differences, identity, identity_hash
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +107,50 @@ class EditStream:
             raise BadInputError("no edit requests to apply", file=self.cfg.data, field="data")
         return reqs
 
-    def _check_run_dir(self, ident: dict) -> None:
+    def _read_run_json(self) -> dict | None:
         run_json = self.out / "run.json"
-        if run_json.is_file():
-            try:
-                old = json.loads(run_json.read_text())["identity"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise BadInputError("unreadable run record", file=str(run_json)) from e
-            diff = differences(old, ident)
+        if not run_json.is_file():
+            return None
+        try:
+            rec = json.loads(run_json.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+            raise BadInputError("unreadable run record", file=str(run_json)) from e
+        if not isinstance(rec, dict) or not ("config_identity" in rec or "identity" in rec):
+            raise BadInputError("run record without an identity", file=str(run_json), field="identity")
+        return rec
+
+    def _refuse(self, diff: list[str]) -> None:
+        raise BadInputError("this run directory holds a different stream; refusing to resume it "
+                            f"({'; '.join(diff)[:400]}); choose another --out", file=str(self.out / "run.json"))
+
+    def _check_config(self, early: dict) -> None:
+        """Before any model loads: the config-level identity (identity fields, dataset hash,
+        statistics corpus) against run.json, which is written now when absent. A mismatch is
+        refused in seconds."""
+        rec = self._read_run_json()
+        if rec is None:
+            atomic_write_text(self.out / "run.json", json.dumps(
+                {"config_identity": early, "config": self.cfg.to_dict()}, indent=1, default=list))
+            return
+        old = rec.get("config_identity")
+        if old is None:  # a run.json of an older kedit: compare what its full identity holds
+            old = {k: v for k, v in rec["identity"].items() if k in early}
+            early = {k: v for k, v in early.items() if k in old}
+        diff = differences(old, early)
+        if diff:
+            self._refuse(diff)
+
+    def _check_run_dir(self, ident: dict) -> None:
+        """After the model loaded: the full identity (resolved hyper-parameters, model hash,
+        the statistics used)."""
+        rec = self._read_run_json() or {}
+        if "identity" in rec:
+            diff = differences(rec["identity"], ident)
             if diff:
-                raise BadInputError("this run directory holds a different stream; refusing to resume it "
-                                    f"({'; '.join(diff)[:400]}); choose another --out", file=str(run_json))
-        else:
-            atomic_write_text(run_json, json.dumps({"identity": ident, "identity_hash": identity_hash(ident),
-                                                    "config": self.cfg.to_dict()}, indent=1, default=list))
+                self._refuse(diff)
+            return
+        rec.update({"identity": ident, "identity_hash": identity_hash(ident), "config": self.cfg.to_dict()})
+        atomic_write_text(self.out / "run.json", json.dumps(rec, indent=1, default=list))
 
     def _stats(self, lm) -> None:
         """Missing statistics are computed by the Ray stats job before the Editor needs them."""
@@ -147,15 +177,46 @@ class EditStream:
 
     # ---------------------------------------------------------------- the stream
     def run(self) -> dict:
+        """The stream, holding the run directory's lock (RUN_DIR/.lock, flock) throughout: a
+        second driver on the same directory is refused at once, naming the holder; the
+        kernel releases the lock of a killed driver, so a resume is never blocked."""
+        from kedit_core.io import FileLock, LockHeld
+
+        reqs = self._requests()          # bad data is refused before anything is written
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.out / ".lock", blocking=False)
+        try:
+            lock.acquire()
+        except LockHeld as e:
+            raise BadInputError(f"the run directory is in use by {e.holder} (a driver is running on it); "
+                                "wait for it or choose another --out", file=str(self.out / ".lock")) from None
+        created = not (self.out / "run.json").exists()
+        try:
+            return self._run(reqs)
+        except BadInputError:
+            # refused before the stream wrote anything else (a typo in --set, a layer out of
+            # range): the run.json this call created must not bind the directory to it
+            if created and not (self.out / "checkpoints").exists():
+                (self.out / "run.json").unlink(missing_ok=True)
+            raise
+        finally:
+            lock.release()
+
+    def _run(self, reqs: list) -> dict:
         from tqdm.auto import tqdm
 
         from kedit_core import Editor
         from kedit_core.models import load
+        from kedit_core.stats import open_corpus
 
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        reqs = self._requests()
         dhash = data_hash(cfg.data)
+        from kedit_core.methods import get_method, make_config
+
+        make_config(get_method(cfg.method).config_cls, None, cfg.set)   # names and types, before any write
+        corpus = open_corpus(cfg.stats_corpus)
+        corpus_ident = {"id": corpus.id, "hash": corpus.content_hash()}
+        self._check_config(config_identity(cfg, data_hash=dhash, corpus=corpus_ident))
         use_ray = cfg.workers > 0
         if use_ray:
             from pipelines.raycluster import init_ray
@@ -170,6 +231,8 @@ class EditStream:
         self.editor = ed
         ident = identity(cfg, data_hash=dhash, hparams=ed.cfg.to_dict())
         ident["model_hash"] = lm.fingerprint()
+        ident["corpus"] = corpus_ident
+        ident["statistics"] = {s: {"texts": m.texts, "tokens": m.count} for s, m in sorted(ed.stats.moments.items())}
         ihash = identity_hash(ident)
         self._check_run_dir(ident)
 
@@ -186,6 +249,11 @@ class EditStream:
             rows, records = ck.state["metrics"], ck.state["batches"]
             start = int(ck.state["cursor"]["batches"])
             log.info("resuming after %d edits (%d of %d batches) from %s", ck.n_edits, start, len(batches), ck.path)
+        else:   # a fresh stream: the seed decides every random draw from here on (a resumed
+            # stream restores the RNG states of its checkpoint instead)
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            torch.manual_seed(cfg.seed)
         finished = start >= len(batches) and (self.out / "metrics.json").is_file()
 
         from pipelines.tracking import Tracker

@@ -118,11 +118,7 @@ def run_stats(lm, sites: list[str], corpus, *, n_samples: int | None, max_length
     after that many new shards, as an interruption would. Start-up and each shard are
     waited for at most start_timeout_s / call_timeout_s; a worker process dying more than
     max_restarts times ends the job (WorkerFailure) with the finished shards kept."""
-    import ray
-    from tqdm.auto import tqdm
-
-    from kedit_core.stats import SHARD_TEXTS, SecondMoment, StatsStore, merge_all
-    from pipelines.workers import WorkerFailure, ray_get
+    from kedit_core.stats import StatsStore
 
     store = store or StatsStore()
     specs = store.specs(lm, sites, corpus, n_samples=n_samples, max_length=max_length)
@@ -131,6 +127,47 @@ def run_stats(lm, sites: list[str], corpus, *, n_samples: int | None, max_length
     if not missing:
         log.info("statistics for %s found in %s", ", ".join(sites), store.root)
         return found
+    # One job at a time per entry group: a second job for the same entries waits here (the
+    # kernel releases the lock of a killed job, whose partials the next holder resumes), then
+    # finds the entries stored. The partials folder is only ever used by the lock's holder.
+    lock = store.lock([specs[s] for s in missing])
+    if _held(lock):
+        log.info("waiting for the statistics lock %s (another job computes the same entries)", lock.path)
+    with lock:
+        for s in missing:
+            found[s] = store.load(specs[s])
+        missing = [s for s, m in found.items() if m is None]
+        if not missing:
+            log.info("statistics for %s were stored by another job meanwhile", ", ".join(sites))
+            return found
+        return _run_stats_locked(lm, sites, corpus, specs, found, missing, store, n_samples=n_samples,
+                                 max_length=max_length, workers=workers, model_spec=model_spec, dtype=dtype,
+                                 device=device, batch_tokens=batch_tokens, show_progress=show_progress,
+                                 stop_after_shards=stop_after_shards, zero3=zero3, ds_config=ds_config,
+                                 start_timeout_s=start_timeout_s, call_timeout_s=call_timeout_s,
+                                 max_restarts=max_restarts)
+
+
+def _held(lock) -> bool:
+    """Whether another process holds `lock` now (a non-blocking probe)."""
+    from kedit_core.io import FileLock, LockHeld
+
+    try:
+        with FileLock(lock.path, blocking=False):
+            return False
+    except LockHeld:
+        return True
+
+
+def _run_stats_locked(lm, sites, corpus, specs, found, missing, store, *, n_samples, max_length, workers,
+                      model_spec, dtype, device, batch_tokens, show_progress, stop_after_shards, zero3,
+                      ds_config, start_timeout_s, call_timeout_s, max_restarts) -> dict:
+    import ray
+    from tqdm.auto import tqdm
+
+    from kedit_core.stats import SHARD_TEXTS, merge_all
+    from pipelines.workers import WorkerFailure, ray_get
+
     pdir = partials_dir(store, {s: specs[s] for s in missing})
     pdir.mkdir(parents=True, exist_ok=True)
     done = {int(p.stem.split("-")[1]) for p in pdir.glob("shard-*.safetensors")}
@@ -223,11 +260,15 @@ def run_stats(lm, sites: list[str], corpus, *, n_samples: int | None, max_length
     if stop_after_shards is not None and n_new >= stop_after_shards and len(done) + n_new < n_shards:
         return {"interrupted": True, "shards_done": len(done) + n_new}
     shard_files = sorted(pdir.glob("shard-*.safetensors"))
+    have = sorted(int(p.stem.split("-")[1]) for p in shard_files)
+    if have != list(range(n_shards)):
+        raise WorkerFailure(f"statistics shards {sorted(set(range(n_shards)) - set(have))[:10]} of {n_shards} are "
+                            f"missing in {pdir}; run the command again to compute them")
     loaded = [_load_shard(p) for p in shard_files]
     merged = merge_all(m for m, _ in loaded)
     n_texts = sum(t for _, t in loaded)
     for s in missing:
-        store.save(specs[s], merged[s], n_texts=str(n_texts), shards=str(len(shard_files)), workers=str(workers))
+        store.save(specs[s], merged[s], n_texts=n_texts, shards=str(len(shard_files)), workers=str(workers))
         found[s] = merged[s]
     shutil.rmtree(pdir, ignore_errors=True)
     found["_throughput"] = {"tokens": n_tokens, "seconds": dt, "tokens_per_s": n_tokens / max(dt, 1e-9)}

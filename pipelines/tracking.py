@@ -307,7 +307,10 @@ def plot_curves(rows: list[dict], out_png: Path, title: str) -> Path:
         axes[1].plot(steps, [p if p is not None else float("nan") for p in ppl], marker="o", color="C3")
     axes[1].set_xlabel("edits applied"), axes[1].set_ylabel("held-out perplexity")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    from kedit_core.io import atomic_file
+
+    with atomic_file(out_png) as tmp:      # a reader never sees half a PNG
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return out_png
 

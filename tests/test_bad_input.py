@@ -83,8 +83,8 @@ def snapshot(root: Path) -> dict[str, tuple[int, str]]:
     for dirpath, _, files in os.walk(root):
         for f in files:
             p = Path(dirpath) / f
-            if p.is_symlink() or not p.is_file():
-                continue
+            if p.is_symlink() or not p.is_file() or p.name.endswith(".lock"):
+                continue   # lock files (run directory, statistics entries) record their holder; not output
             out[str(p.relative_to(root))] = (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
     return out
 
@@ -456,8 +456,8 @@ def c_read_only_statistics_cache(ws, m):
 
 
 def c_read_only_statistics_dir(ws, m):
-    """As above with the statistics directory present (read-only): safetensors reports the
-    refused write as its own error type; the CLI still names the directory."""
+    """As above with the statistics directory present (read-only): the refused write (the
+    entry's lock file, created before computing) is named with its path."""
     cache = ws / "rocache"
     if not _mount(cache, "size=4m"):
         pytest.skip("a read-only file system is a tmpfs mounted read-only, which needs root and mount")
@@ -469,7 +469,8 @@ def c_read_only_statistics_dir(ws, m):
     p = write_text(ws, "corpus2.txt", corpus_text().replace("river", "lake"))  # statistics not cached
     argv = edit_local(ws, "--limit", "1")
     argv[argv.index("--stats-corpus") + 1] = str(p)
-    return argv, [str(cache / "stats") + ":", "Read-only file system"]
+    # the first write refused is the entry's lock file (or the entry itself): both under stats/
+    return argv, [str(cache / "stats") + "/", "Read-only file system"]
 
 
 def c_full_disk_export(ws, m):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,10 @@ from kedit_core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext" / "wiki.test.raw"
+# WikiText-2 test beside the project; KEDIT_DEFAULT_CORPUS names another file (a machine's
+# own default; a stream records which corpus it resolved to and refuses to resume on another).
+DEFAULT_CORPUS = Path(os.environ.get("KEDIT_DEFAULT_CORPUS") or
+                      Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext" / "wiki.test.raw")
 
 
 def _pydoc_texts() -> Iterator[str]:

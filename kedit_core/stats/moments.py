@@ -33,6 +33,7 @@ class SecondMoment:
 
     sum: torch.Tensor
     count: int = 0
+    texts: int | None = None     # texts the sum came from (recorded by the store)
 
     @classmethod
     def zeros(cls, d: int) -> "SecondMoment":

@@ -89,7 +89,9 @@ def run(args) -> int:
               "zsre_convention": args.zsre_convention,
               "perplexity_source": ed.heldout(args.perplexity_texts).source if args.perplexity_texts else None}
     ed.save(out, export_model=not args.no_export)
-    (out / "metrics.json").write_text(json.dumps(result, indent=1, default=str))
+    from kedit_core.io import atomic_write_text
+
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=1, default=str))
     keys = ["efficacy_score", "paraphrase_score", "neighborhood_score", "score", "rewrite_gen",
             "paraphrase_gen", "rewrite_acc", "neighborhood_acc", "locality", "perplexity"]
     for k in keys:

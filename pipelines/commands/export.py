@@ -49,8 +49,9 @@ def run(args) -> int:
     try:
         save_deltas(out, deltas, meta)
         if not args.deltas_only:
-            model.save_pretrained(out / "model", safe_serialization=True)
-            lm.tokenizer.save_pretrained(out / "model")
+            from kedit_core.editor import save_model
+
+            save_model(lm, out / "model")     # atomic: a complete export or none
     except Exception as e:
         # A full or read-only disk: safetensors reports it as its own error type, not OSError.
         text = f"{type(e).__name__}: {e}"

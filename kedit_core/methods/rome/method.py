@@ -15,7 +15,9 @@ As in the reference (kmeng01/rome `rome_main.py`, `compute_u.py`, `compute_v.py`
 use ROME's own context templates (kedit_core.zopt.rome_context_templates): "{}" plus ten
 5-token and ten 10-token samples after the model's document-start token, averaged
 uniformly (k*: the mean over the 21 prompts; v*: the NLL averaged over them); MEMIT's six
-templates with the bare prompt weighted 1/2 are not used here.
+templates with the bare prompt weighted 1/2 are not used here. (The AlphaEdit repository's
+copy of rome_main.py seeds its 21 samples from MEMIT's five prompts instead of
+<|endoftext|>; kedit follows kmeng01/rome.)
 
 Deviations from the reference code:
 * a batch is applied one request after another (ROME is a single-edit method); the result
