@@ -1,8 +1,8 @@
 """The configuration of an edit stream: one schema for `kedit edit` flags and YAML files
 (cluster_configs/jobs/*.yaml). Flags override the file. The fields that decide the weights
 form the run's identity; its hash is stored with every checkpoint, and resuming with a
-different identity is refused, naming the fields that differ. `workers`, `device`, `dtype`
-and `zero3` are not part of it: a resume may change them, and is then exact only up to
+different identity is refused, naming the fields that differ. `workers`, `device` and
+`zero3` are not part of it: a resume may change them, and is then exact only up to
 float32 rounding (another sharding of a batch sums in another order)."""
 
 from __future__ import annotations
