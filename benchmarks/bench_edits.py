@@ -34,7 +34,8 @@ def run_one(method: str, n: int, bs: int, v_batch: int, model: str, extra: dict)
     wall = time.perf_counter() - t0
     post = ed.evaluate(reqs, perplexity_texts=100)
     compute = sum(h["seconds"] for h in ed.history)
-    keys = ["efficacy_score", "paraphrase_score", "neighborhood_score", "score", "perplexity"]
+    keys = ["efficacy_score", "paraphrase_score", "neighborhood_score", "score", "perplexity",
+            "efficacy_magnitude", "rewrite_acc", "rewrite_correct", "rewrite_gen", "paraphrase_gen"]
     return {"method": method, "zopt": "batched" if v_batch == 0 else "one at a time", "n": n,
             "batch_size": bs, "s_per_edit": compute / n, "wall_s": wall, "peak_rss_mb": peak_rss_mb(),
             "threads": torch.get_num_threads(),
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--zopt", default="batched,single", help="batched, single or both")
     ap.add_argument("--set", default="{}", help="JSON hyper-parameter overrides")
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:  # child process
@@ -65,10 +67,11 @@ def main() -> None:
                                   f"{method}/{z}"))
     tag = args.methods.replace(",", "-") + ("" if args.set == "{}" else "_" + "_".join(
         f"{k}{v}" for k, v in sorted(json.loads(args.set).items())))
-    write(f"edits_{args.model}_{tag}_{args.n}x{args.batch_size}", rows,
+    write(f"edits_{args.model}_{tag}_{args.n}x{args.batch_size}{args.tag}", rows,
           ["method", "zopt", "s_per_edit", "peak_rss_mb", "efficacy_score", "paraphrase_score",
-           "neighborhood_score", "score", "perplexity", "pre_efficacy_score", "pre_paraphrase_score",
-           "pre_neighborhood_score", "pre_perplexity"],
+           "neighborhood_score", "score", "perplexity", "efficacy_magnitude", "rewrite_acc", "rewrite_correct",
+           "rewrite_gen", "paraphrase_gen", "pre_efficacy_score", "pre_paraphrase_score",
+           "pre_neighborhood_score", "pre_perplexity", "pre_rewrite_gen", "pre_paraphrase_gen"],
           notes=f"{args.model}, overrides {args.set}, first {args.n} records of {DATA.name}, sequential batches of "
                 f"{args.batch_size}; metrics over all {args.n} after the last batch. Reference AlphaEdit "
                 "on this machine (issue 3): 20.3 s/edit; efficacy 0.750, paraphrase 0.595, neighbourhood 0.747.")

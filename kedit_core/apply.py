@@ -94,7 +94,12 @@ def temporarily_applied(lm: LoadedModel, deltas: Sequence[WeightDelta] = ()) -> 
 
 
 def save_deltas(directory: str | Path, deltas: Sequence[WeightDelta], config: dict) -> Path:
-    """deltas.safetensors (factored where they are) + config.json, written atomically."""
+    """deltas.safetensors (factored where they are) + config.json, each written atomically;
+    config.json records the sha256 of the deltas file it belongs to (`deltas_sha256`), so a
+    pair that does not belong together (a crash between the two renames, a file copied from
+    elsewhere) is refused by `load_deltas`."""
+    from kedit_core.io import atomic_file, atomic_write_text, sha256_file
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -105,23 +110,32 @@ def save_deltas(directory: str | Path, deltas: Sequence[WeightDelta], config: di
         else:
             tensors[f"{key}:left"] = d.left.detach().cpu().contiguous()
             tensors[f"{key}:right"] = d.right.detach().cpu().contiguous()
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, directory / "deltas.safetensors")
-    (directory / "config.json.tmp").write_text(json.dumps(config, indent=1, default=str))
-    os.replace(directory / "config.json.tmp", directory / "config.json")
+    target = directory / "deltas.safetensors"
+    with atomic_file(target) as tmp:
+        save_file(tensors, str(tmp))
+        digest = sha256_file(tmp)
+    atomic_write_text(directory / "config.json", json.dumps({**config, "deltas_sha256": digest}, indent=1,
+                                                           default=str))
     return directory
 
 
 def load_deltas(directory: str | Path) -> tuple[list[WeightDelta], dict]:
+    """The deltas and their config (without `deltas_sha256`), verified to belong together."""
+    from kedit_core.io import sha256_file
+
     directory = Path(directory)
     f = directory / "deltas.safetensors"
     try:
-        tensors = load_file(str(f))
         config = json.loads((directory / "config.json").read_text())
+        digest = config.pop("deltas_sha256", None)
+        if digest is not None and sha256_file(f) != digest:
+            raise BadInputError("deltas.safetensors does not match the sha256 its config.json records "
+                                "(the pair does not belong together)", file=str(f), field="deltas_sha256")
+        tensors = load_file(str(f))
     except FileNotFoundError as e:
         raise BadInputError("no deltas here (deltas.safetensors and config.json)", file=str(directory)) from e
+    except BadInputError:
+        raise
     except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file
         raise BadInputError(f"unreadable deltas ({e})", file=str(f)) from e
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}

@@ -170,12 +170,15 @@ class Editor:
 
 def save_model(lm: LoadedModel, directory: str | Path) -> None:
     """The model and tokenizer in HF format (a ZeRO-3 model's parameters gathered one at a
-    time)."""
+    time), built in a temp directory and renamed into place (kedit_core.io.atomic_dir): a
+    reader finds a complete export or none."""
+    from kedit_core.io import atomic_dir
     from kedit_core.models.loader import iter_full_state
 
     state = dict(iter_full_state(lm)) if lm.zero3 else None
-    lm.model.save_pretrained(directory, safe_serialization=True, state_dict=state)
-    lm.tokenizer.save_pretrained(directory)
+    with atomic_dir(directory) as tmp:
+        lm.model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+        lm.tokenizer.save_pretrained(tmp)
 
 
 def baseline_predictions_unedited(ed: Editor, batch: Sequence[EditRequest]) -> dict:

@@ -85,6 +85,7 @@ class EditDataset:
     cases: tuple[EditCase, ...]
     records: int
     problems: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = field(default=())   # accepted but suspect (duplicate case ids)
 
     @property
     def requests(self) -> list[EditRequest]:

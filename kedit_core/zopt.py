@@ -79,7 +79,9 @@ def context_templates(lm: LoadedModel, *, n_per_seed: int = 1, length: int = 10,
     """["{}"] + sampled prefixes ending in ". {}" (MEMIT's get_context_templates)."""
     path = cache_dir() / "context_templates" / f"{lm.fingerprint()[:24]}-{n_per_seed}x{length}.json"
     if use_cache and path.is_file():
-        return json.loads(path.read_text())
+        cached = _read_templates(path)
+        if cached is not None:
+            return cached
     tok = lm.tokenizer
     gen = torch.Generator(device="cpu").manual_seed(0)
     out = ["{}"]
@@ -97,9 +99,9 @@ def context_templates(lm: LoadedModel, *, n_per_seed: int = 1, length: int = 10,
             out.append(text.replace("{", " ").replace("}", " ") + ". {}")
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out))
-        tmp.replace(path)
+        from kedit_core.io import atomic_write_json
+
+        atomic_write_json(path, out)
     return out
 
 
@@ -117,14 +119,9 @@ def rome_context_templates(lm: LoadedModel, *, length_params=((5, 10), (10, 10))
     key = "-".join(f"{a}x{b}" for a, b in length_params)
     path = cache_dir() / "context_templates" / f"{lm.fingerprint()[:24]}-rome-{key}.json"
     if use_cache and path.is_file():
-        try:
-            cached = json.loads(path.read_text())
-            if isinstance(cached, list) and cached and cached[0] == "{}" and all(
-                    isinstance(t, str) and t.endswith("{}") for t in cached):
-                return cached
-        except json.JSONDecodeError:
-            pass
-        log.warning("ignoring a damaged context-template cache %s", path)
+        cached = _read_templates(path)
+        if cached is not None:
+            return cached
     seed_id = tok.convert_tokens_to_ids(seed_tok)
     gen = torch.Generator(device="cpu").manual_seed(0)
     out = ["{}"]
@@ -140,21 +137,24 @@ def rome_context_templates(lm: LoadedModel, *, length_params=((5, 10), (10, 10))
             text = tok.decode(ids[0, 1:], skip_special_tokens=True)
             out.append(" ".join(text.replace("{", " ").replace("}", " ").split()) + ". {}")
     if use_cache:
-        _atomic_write(path, json.dumps(out))
+        from kedit_core.io import atomic_write_json
+
+        atomic_write_json(path, out)
     return out
 
 
-def _atomic_write(path, text: str) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _read_templates(path) -> list[str] | None:
+    """A cached template list, checked: a JSON list of strings, "{}" first, each ending in
+    "{}"; anything else (damaged, truncated) is ignored with a warning and regenerated."""
+    try:
+        cached = json.loads(path.read_text())
+        if isinstance(cached, list) and cached and cached[0] == "{}" and all(
+                isinstance(t, str) and t.endswith("{}") and t.count("{}") == 1 for t in cached):
+            return cached
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        pass
+    log.warning("ignoring a damaged context-template cache %s", path)
+    return None
 
 
 def kl_term(log_p_orig: torch.Tensor, log_p_delta: torch.Tensor) -> torch.Tensor:

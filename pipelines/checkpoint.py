@@ -52,15 +52,11 @@ def _fsync(path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file atomically (temp file in the same directory, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
+    """Write a small file atomically (kedit_core.io: temp file in the same directory, fsync,
+    rename, fsync of the directory)."""
+    from kedit_core.io import atomic_write_text as _write
+
+    _write(path, text)
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The configuration of an edit stream: one schema for `kedit edit` flags and YAML files
 (cluster_configs/jobs/*.yaml). Flags override the file. The fields that decide the weights
 form the run's identity; its hash is stored with every checkpoint, and resuming with a
-different identity is refused, naming the fields that differ."""
+different identity is refused, naming the fields that differ. `workers`, `device` and
+`zero3` are not part of it: a resume may change them, and is then exact only up to
+float32 rounding (another sharding of a batch sums in another order)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class RunConfig:
                                           # after the texts the statistics used, else the other built-in)
     zsre_convention: str = "mend"         # zsRE files: "mend" (alt is the new target) or "memit" (answers[0])
     skip_invalid: bool = False
+    strict: bool = False                  # refuse duplicate case ids in the dataset (default: a warning)
     zopt_chunk: int = 64                  # requests optimised together inside a worker (bounded memory)
     tracking_uri: str | None = None       # default: sqlite in the output directory's parent
     experiment: str = "kedit"
@@ -45,6 +48,12 @@ class RunConfig:
     seed: int = 0
     zero3: bool = False                   # replicas partitioned by DeepSpeed ZeRO-3 (optional extra)
     ds_config: str | None = None          # DeepSpeed JSON for zero3 (default: kedit_core.models.zero3)
+    # Faults: bounded waits everywhere (seconds), bounded actor restarts.
+    tracking_timeout_s: float = 10.0      # wait at most this for one MLflow call, then buffer (store down/slow)
+    tracking_flush_s: float = 60.0        # at the end, wait at most this for buffered MLflow calls
+    actor_start_timeout_s: float = 600.0  # an actor must have loaded its model within this
+    actor_call_timeout_s: float = 3600.0  # one actor call (a batch's share, a statistics shard)
+    actor_max_restarts: int = 3           # a worker process that dies more often than this is given up
 
     # The fields that decide the edited weights: a resumed run must match them.
     IDENTITY = ("model", "method", "data", "limit", "batch_size", "stats_corpus", "dtype", "set",
@@ -71,6 +80,10 @@ def _coerce(name: str, value: Any, where: str | None) -> Any:
             if isinstance(value, str):
                 return value.lower() in ("1", "true", "yes")
             return bool(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
         if isinstance(default, int) or name in ("limit", "eval_limit", "stats_workers"):
             if isinstance(value, bool):
                 raise TypeError
@@ -111,11 +124,26 @@ def build(file: str | Path | None = None, **flags: Any) -> RunConfig:
         if v is not None:
             values[k] = _coerce(k, v, None)
     cfg = RunConfig(**values)
-    for name in ("batch_size", "keep_checkpoints", "checkpoint_every"):
-        if getattr(cfg, name) < 1:
-            raise BadInputError("must be at least 1", file=str(file) if file else None, field=name)
-    if cfg.workers < 0:
-        raise BadInputError("must be 0 or more", field="workers")
+    for name in ("tracking_timeout_s", "actor_start_timeout_s", "actor_call_timeout_s"):
+        if not getattr(cfg, name) > 0:
+            raise BadInputError("must be more than 0", file=str(file) if file else None, field=name)
+    for name in ("tracking_flush_s", "actor_max_restarts"):
+        if getattr(cfg, name) < 0:
+            raise BadInputError("must be 0 or more", file=str(file) if file else None, field=name)
+    where = str(file) if file else None
+    for name in ("batch_size", "keep_checkpoints", "checkpoint_every", "eval_limit", "stats_workers"):
+        v = getattr(cfg, name)
+        if v is not None and v < 1:
+            raise BadInputError(f"must be at least 1, got {v}", file=where, field=name)
+    for name in ("workers", "limit", "eval_every", "perplexity_texts", "zopt_chunk"):
+        v = getattr(cfg, name)
+        if v is not None and v < 0:
+            raise BadInputError(f"must be 0 or more, got {v}", file=where, field=name)
+    for name in ("model", "method", "data", "dtype", "device", "experiment"):
+        if not str(getattr(cfg, name)).strip():
+            raise BadInputError("must not be empty", file=where, field=name)
+    if cfg.zsre_convention not in ("mend", "memit"):
+        raise BadInputError("must be mend or memit", file=where, field="zsre_convention")
     return cfg
 
 
@@ -125,6 +153,17 @@ def identity(cfg: RunConfig, *, data_hash: str, hparams: dict) -> dict:
     d = {k: getattr(cfg, k) for k in RunConfig.IDENTITY}
     d["data_hash"] = data_hash
     d["hparams"] = hparams
+    return json.loads(json.dumps(d, sort_keys=True, default=list))
+
+
+def config_identity(cfg: RunConfig, *, data_hash: str, corpus: dict) -> dict:
+    """The part of the identity known before any model loads: the identity fields, the
+    dataset's content hash and the statistics corpus the run resolves to (id and content
+    hash: `stats_corpus: null` means WikiText-2 where ../shared is present, else the standard
+    library's docstrings, so a resume on another machine must resolve to the same)."""
+    d = {k: getattr(cfg, k) for k in RunConfig.IDENTITY}
+    d["data_hash"] = data_hash
+    d["corpus"] = corpus
     return json.loads(json.dumps(d, sort_keys=True, default=list))
 
 

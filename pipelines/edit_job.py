@@ -14,6 +14,13 @@ re-running the same command, or `kedit edit --resume RUN_DIR`, continues after t
 complete checkpoint and ends with the same weights as an uninterrupted run (a test kills the
 driver with SIGKILL and compares hashes). A different model, method, dataset or
 hyper-parameter is refused, naming the difference.
+
+Faults: MLflow is never allowed to stop or stall the stream (pipelines.tracking.Tracker
+buffers while the store is down and a resume re-logs what is missing); worker actors are
+waited for with timeouts and restarted a bounded number of times (pipelines.workers); a
+worker failure ends the stream between checkpoints with a one-line error, and replicas that
+are not in step with the driver at the end fail the command (metrics.json is still written,
+marked `replicas_in_step: false`).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from kedit_core.apply import read_weights, write_weights
 from kedit_core.errors import BadInputError
 from kedit_core.models.loader import iter_full_state
 from pipelines.checkpoint import CheckpointManager, atomic_write_text, tensors_hash
-from pipelines.config import RunConfig, differences, identity, identity_hash
+from pipelines.config import RunConfig, config_identity, differences, identity, identity_hash
 
 log = logging.getLogger(__name__)
 
@@ -100,20 +107,50 @@ class EditStream:
             raise BadInputError("no edit requests to apply", file=self.cfg.data, field="data")
         return reqs
 
-    def _check_run_dir(self, ident: dict) -> None:
+    def _read_run_json(self) -> dict | None:
         run_json = self.out / "run.json"
-        if run_json.is_file():
-            try:
-                old = json.loads(run_json.read_text())["identity"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise BadInputError("unreadable run record", file=str(run_json)) from e
-            diff = differences(old, ident)
+        if not run_json.is_file():
+            return None
+        try:
+            rec = json.loads(run_json.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+            raise BadInputError("unreadable run record", file=str(run_json)) from e
+        if not isinstance(rec, dict) or not ("config_identity" in rec or "identity" in rec):
+            raise BadInputError("run record without an identity", file=str(run_json), field="identity")
+        return rec
+
+    def _refuse(self, diff: list[str]) -> None:
+        raise BadInputError("this run directory holds a different stream; refusing to resume it "
+                            f"({'; '.join(diff)[:400]}); choose another --out", file=str(self.out / "run.json"))
+
+    def _check_config(self, early: dict) -> None:
+        """Before any model loads: the config-level identity (identity fields, dataset hash,
+        statistics corpus) against run.json, which is written now when absent. A mismatch is
+        refused in seconds."""
+        rec = self._read_run_json()
+        if rec is None:
+            atomic_write_text(self.out / "run.json", json.dumps(
+                {"config_identity": early, "config": self.cfg.to_dict()}, indent=1, default=list))
+            return
+        old = rec.get("config_identity")
+        if old is None:  # a run.json of an older kedit: compare what its full identity holds
+            old = {k: v for k, v in rec["identity"].items() if k in early}
+            early = {k: v for k, v in early.items() if k in old}
+        diff = differences(old, early)
+        if diff:
+            self._refuse(diff)
+
+    def _check_run_dir(self, ident: dict) -> None:
+        """After the model loaded: the full identity (resolved hyper-parameters, model hash,
+        the statistics used)."""
+        rec = self._read_run_json() or {}
+        if "identity" in rec:
+            diff = differences(rec["identity"], ident)
             if diff:
-                raise BadInputError("this run directory holds a different stream; refusing to resume it "
-                                    f"({'; '.join(diff)[:400]}); choose another --out", file=str(run_json))
-        else:
-            atomic_write_text(run_json, json.dumps({"identity": ident, "identity_hash": identity_hash(ident),
-                                                    "config": self.cfg.to_dict()}, indent=1, default=list))
+                self._refuse(diff)
+            return
+        rec.update({"identity": ident, "identity_hash": identity_hash(ident), "config": self.cfg.to_dict()})
+        atomic_write_text(self.out / "run.json", json.dumps(rec, indent=1, default=list))
 
     def _stats(self, lm) -> None:
         """Missing statistics are computed by the Ray stats job before the Editor needs them."""
@@ -135,20 +172,53 @@ class EditStream:
         res = run_stats(lm, sites, corpus, n_samples=mcfg.mom2_n_samples, max_length=mcfg.mom2_max_length,
                         workers=workers, store=store, model_spec=self.cfg.model, dtype=self.cfg.dtype,
                         device=self.cfg.device, show_progress=self.show_progress,
-                        zero3=self.cfg.zero3, ds_config=self.cfg.ds_config)
+                        zero3=self.cfg.zero3, ds_config=self.cfg.ds_config,
+                        start_timeout_s=self.cfg.actor_start_timeout_s, call_timeout_s=self.cfg.actor_call_timeout_s,
+                        max_restarts=self.cfg.actor_max_restarts)
         self.stats_throughput = res.get("_throughput")
 
     # ---------------------------------------------------------------- the stream
     def run(self) -> dict:
+        """The stream, holding the run directory's lock (RUN_DIR/.lock, flock) throughout: a
+        second driver on the same directory is refused at once, naming the holder; the
+        kernel releases the lock of a killed driver, so a resume is never blocked."""
+        from kedit_core.io import FileLock, LockHeld
+
+        reqs = self._requests()          # bad data is refused before anything is written
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.out / ".lock", blocking=False)
+        try:
+            lock.acquire()
+        except LockHeld as e:
+            raise BadInputError(f"the run directory is in use by {e.holder} (a driver is running on it); "
+                                "wait for it or choose another --out", file=str(self.out / ".lock")) from None
+        created = not (self.out / "run.json").exists()
+        try:
+            return self._run(reqs)
+        except BadInputError:
+            # refused before the stream wrote anything else (a typo in --set, a layer out of
+            # range): the run.json this call created must not bind the directory to it
+            if created and not (self.out / "checkpoints").exists():
+                (self.out / "run.json").unlink(missing_ok=True)
+            raise
+        finally:
+            lock.release()
+
+    def _run(self, reqs: list) -> dict:
         from tqdm.auto import tqdm
 
         from kedit_core import Editor
         from kedit_core.models import load
+        from kedit_core.stats import open_corpus
 
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        reqs = self._requests()
         dhash = data_hash(cfg.data)
+        from kedit_core.methods import get_method, make_config
+
+        make_config(get_method(cfg.method).config_cls, None, cfg.set)   # names and types, before any write
+        corpus = open_corpus(cfg.stats_corpus)
+        corpus_ident = {"id": corpus.id, "hash": corpus.content_hash()}
+        self._check_config(config_identity(cfg, data_hash=dhash, corpus=corpus_ident))
         use_ray = cfg.workers > 0
         if use_ray:
             from pipelines.raycluster import init_ray
@@ -163,6 +233,8 @@ class EditStream:
         self.editor = ed
         ident = identity(cfg, data_hash=dhash, hparams=ed.cfg.to_dict())
         ident["model_hash"] = lm.fingerprint()
+        ident["corpus"] = corpus_ident
+        ident["statistics"] = {s: {"texts": m.texts, "tokens": m.count} for s, m in sorted(ed.stats.moments.items())}
         ihash = identity_hash(ident)
         self._check_run_dir(ident)
 
@@ -179,11 +251,17 @@ class EditStream:
             rows, records = ck.state["metrics"], ck.state["batches"]
             start = int(ck.state["cursor"]["batches"])
             log.info("resuming after %d edits (%d of %d batches) from %s", ck.n_edits, start, len(batches), ck.path)
+        else:   # a fresh stream: the seed decides every random draw from here on (a resumed
+            # stream restores the RNG states of its checkpoint instead)
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            torch.manual_seed(cfg.seed)
         finished = start >= len(batches) and (self.out / "metrics.json").is_file()
 
         from pipelines.tracking import Tracker
 
-        tracker = Tracker(self.out, cfg.tracking_uri, cfg.experiment)
+        tracker = Tracker(self.out, cfg.tracking_uri, cfg.experiment, timeout_s=cfg.tracking_timeout_s,
+                          flush_s=cfg.tracking_flush_s)
         from kedit_core import __version__
 
         tracker.start(self.out.name, {**{k: v for k, v in cfg.to_dict().items() if k != "set"},
@@ -193,21 +271,42 @@ class EditStream:
         self._relog(tracker, rows, records)
         if finished:
             log.info("stream already finished: %s", self.out / "metrics.json")
+            result = json.loads((self.out / "metrics.json").read_text())
+            for f in ("metrics.json", "metrics.md", "curves.png"):   # the store may have been down at the end
+                if (self.out / f).is_file():
+                    tracker.log_artifact(self.out / f, only_missing=True)
             tracker.finish()
-            return json.loads((self.out / "metrics.json").read_text())
+            if result.get("replicas_in_step") is False:
+                from pipelines.workers import WorkerFailure
+
+                raise WorkerFailure(f"this stream ended with EditWorker replicas out of step with the driver "
+                                    f"(replicas_in_step=false in {self.out / 'metrics.json'})")
+            return result
 
         backend = None
         workers = []
-        if use_ray:
-            from pipelines.workers import RayBackend, start_edit_workers
+        try:
+            if use_ray:
+                from pipelines.workers import RayBackend, start_edit_workers
 
-            t0 = time.perf_counter()
-            workers = start_edit_workers(cfg.workers, cfg.model, cfg.dtype, cfg.device, cfg.zopt_chunk,
-                                         zero3=cfg.zero3, ds_config=cfg.ds_config)
-            backend = RayBackend(workers, lambda: read_weights(ed.lm, ed.applier.originals, "cpu"))
-            if start:
-                backend.load_all(start)
-            log.info("%d EditWorker replicas ready in %.1fs", len(workers), time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                workers = start_edit_workers(cfg.workers, cfg.model, cfg.dtype, cfg.device, cfg.zopt_chunk,
+                                             zero3=cfg.zero3, ds_config=cfg.ds_config, fingerprint=lm.fingerprint(),
+                                             max_restarts=cfg.actor_max_restarts,
+                                             start_timeout_s=cfg.actor_start_timeout_s)
+                backend = RayBackend(workers, lambda: read_weights(ed.lm, ed.applier.originals, "cpu"),
+                                     call_timeout_s=cfg.actor_call_timeout_s)
+                if start:
+                    backend.load_all(start)
+                log.info("%d EditWorker replicas ready in %.1fs", len(workers), time.perf_counter() - t0)
+        except BaseException:   # a worker that cannot start: the run is marked failed
+            tracker.finish("FAILED", flush_s=min(cfg.tracking_flush_s, cfg.tracking_timeout_s))
+            if workers:
+                import ray
+
+                for w in workers:
+                    ray.kill(w)
+            raise
         self.backend = backend
 
         try:
@@ -235,9 +334,8 @@ class EditStream:
                     rows.append(row)
                 if (b + 1) % cfg.checkpoint_every == 0 or last:
                     self._checkpoint(ckm, ed, b + 1, edits, ident, ihash, rows, records)
-                tracker.log_metrics(per_batch, step=edits)
-                if row:
-                    tracker.log_metrics(row, step=edits)
+                # One call per step: a key (seconds_per_edit is in both) is logged once per step.
+                tracker.log_metrics({**(row or {}), **per_batch}, step=edits)
                 bar.update(1)
                 bar.set_postfix(edits=edits, s_edit=f"{rec['seconds_per_edit']:.2f}")
             bar.close()
@@ -245,7 +343,7 @@ class EditStream:
             tracker.finish()
             return result
         except BaseException:
-            tracker.finish("FAILED")
+            tracker.finish("FAILED", flush_s=min(cfg.tracking_flush_s, cfg.tracking_timeout_s))
             raise
         finally:
             if workers:
@@ -305,17 +403,16 @@ class EditStream:
         _set_rng(ck.state["rng"])
 
     def _relog(self, tracker, rows, records) -> None:
-        """Metrics a killed driver computed into a checkpoint but had not logged yet."""
+        """Metrics in the checkpoint that the run does not hold: a killed driver computed
+        them but had not logged them, or the store was down and the previous driver ended
+        before it answered again. Queued on the tracker, so a store that is down now gets
+        them when it answers."""
         if not rows and not records:
             return
-        logged = {s for s, _ in tracker.history("seconds_per_edit")}
-        for rec in records:
-            if rec["edits"] not in logged:
-                tracker.log_metrics({"seconds_per_edit": rec["seconds_per_edit"]}, step=rec["edits"])
-        logged_rows = {s for s, _ in tracker.history("all/efficacy_score")}
-        for row in rows:
-            if row["edits"] not in logged_rows:
-                tracker.log_metrics(row, step=row["edits"])
+        tracker.log_missing([({"seconds_per_edit": r["seconds_per_edit"], "z_loss_mean": r.get("z_loss_mean")},
+                              r["edits"]) for r in records], probe="seconds_per_edit")
+        tracker.log_missing([({k: v for k, v in row.items() if k not in ("seconds_per_edit", "z_loss_mean")},
+                               row["edits"]) for row in rows], probe="all/efficacy_score")
 
     def _finish(self, ed, tracker, reqs, rows, records) -> dict:
         from pipelines.tracking import plot_curves
@@ -331,15 +428,17 @@ class EditStream:
                                         if self.cfg.perplexity_texts else None),
                   "stats_throughput": self.stats_throughput,
                   "worker_recoveries": getattr(self.backend, "recoveries", 0) if self.backend else 0}
+        mismatch = None
         if self.backend is not None:  # every replica must hold exactly the driver's weights
-            import ray
-
             driver = tensors_hash(dict(iter_full_state(ed.lm)))
-            replicas = ray.get([w.weights_hash.remote() for w in self.backend.workers])
+            replicas = self.backend.gather("weights_hash")
             result["replicas_in_step"] = all(h == driver for h in replicas)
-            result["replicas"] = ray.get([w.describe.remote() for w in self.backend.workers])
+            result["replicas"] = self.backend.gather("describe")
             if not result["replicas_in_step"]:
-                log.error("a worker replica's weights differ from the driver's")
+                bad = [i for i, h in enumerate(replicas) if h != driver]
+                mismatch = (f"EditWorker replica(s) {bad} hold weights that differ from the driver's "
+                            f"(sha256 {driver[:12]}); the results in {self.out / 'metrics.json'} are marked "
+                            "replicas_in_step=false; the checkpoints hold the driver's weights")
         atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=1, default=str))
         table = self.out / "metrics.md"
         keys = sorted({k for r in rows for k in r if k.startswith(("all/", "first/", "latest/")) or k == "perplexity"})
@@ -351,4 +450,8 @@ class EditStream:
         png = plot_curves(rows, self.out / "curves.png", f"{self.cfg.method} on {self.cfg.model}")
         for f in (self.out / "metrics.json", table, png):
             tracker.log_artifact(f)
+        if mismatch:
+            from pipelines.workers import WorkerFailure
+
+            raise WorkerFailure(mismatch)
         return result

@@ -8,6 +8,11 @@ returns the partial sums of ALL layers for its shard once. The driver saves ever
 shard (so an interrupted job resumes without recomputing it), merges the shards in shard
 order in float64 (the same order as the single-process store: equal up to float64 and
 thread-count rounding) and writes the result into the statistics store.
+
+Faults: every wait has a timeout (start-up, one shard), a StatsWorker process is restarted
+at most `max_restarts` times (its shard is retried), and a worker that cannot go on ends the
+job with a one-line `pipelines.workers.WorkerFailure` after the shards finished so far are
+saved; running the job again resumes from them.
 """
 
 from __future__ import annotations
@@ -29,8 +34,14 @@ class StatsWorker:
         from kedit_core.models import load
         from pipelines.workers import _set_threads
 
+        from kedit_core.errors import BadInputError
+
         _set_threads()
-        self.lm = load(model, dtype=dtype, device=device, zero3=zero3, ds_config=ds_config)
+        self.bad_input = None
+        try:
+            self.lm = load(model, dtype=dtype, device=device, zero3=zero3, ds_config=ds_config)
+        except BadInputError as e:   # the user's input: no restart helps; fingerprint() raises it
+            self.bad_input = e
 
     def pid(self) -> int:
         import os
@@ -38,6 +49,8 @@ class StatsWorker:
         return os.getpid()
 
     def fingerprint(self) -> str:
+        if self.bad_input is not None:
+            raise self.bad_input
         return self.lm.fingerprint()
 
     def run(self, index: int, sites: list[str], token_lists: list[list[int]], batch_tokens: int):
@@ -98,15 +111,14 @@ def partials_dir(store, specs: dict) -> Path:
 def run_stats(lm, sites: list[str], corpus, *, n_samples: int | None, max_length: int, workers: int,
               store=None, model_spec: str | None = None, dtype: str = "fp32", device: str = "auto",
               batch_tokens: int = 4096, show_progress: bool = True, stop_after_shards: int | None = None,
-              zero3: bool = False, ds_config=None
-              ) -> dict:
+              zero3: bool = False, ds_config=None, start_timeout_s: float = 600.0,
+              call_timeout_s: float = 3600.0, max_restarts: int = 3) -> dict:
     """Compute (or find) the moments of `sites` with `workers` StatsWorker actors; returns
     {site: SecondMoment} and writes them into `store`. `stop_after_shards` (tests) stops
-    after that many new shards, as an interruption would."""
-    import ray
-    from tqdm.auto import tqdm
-
-    from kedit_core.stats import SHARD_TEXTS, SecondMoment, StatsStore, merge_all
+    after that many new shards, as an interruption would. Start-up and each shard are
+    waited for at most start_timeout_s / call_timeout_s; a worker process dying more than
+    max_restarts times ends the job (WorkerFailure) with the finished shards kept."""
+    from kedit_core.stats import StatsStore
 
     store = store or StatsStore()
     specs = store.specs(lm, sites, corpus, n_samples=n_samples, max_length=max_length)
@@ -115,6 +127,47 @@ def run_stats(lm, sites: list[str], corpus, *, n_samples: int | None, max_length
     if not missing:
         log.info("statistics for %s found in %s", ", ".join(sites), store.root)
         return found
+    # One job at a time per entry group: a second job for the same entries waits here (the
+    # kernel releases the lock of a killed job, whose partials the next holder resumes), then
+    # finds the entries stored. The partials folder is only ever used by the lock's holder.
+    lock = store.lock([specs[s] for s in missing])
+    if _held(lock):
+        log.info("waiting for the statistics lock %s (another job computes the same entries)", lock.path)
+    with lock:
+        for s in missing:
+            found[s] = store.load(specs[s])
+        missing = [s for s, m in found.items() if m is None]
+        if not missing:
+            log.info("statistics for %s were stored by another job meanwhile", ", ".join(sites))
+            return found
+        return _run_stats_locked(lm, sites, corpus, specs, found, missing, store, n_samples=n_samples,
+                                 max_length=max_length, workers=workers, model_spec=model_spec, dtype=dtype,
+                                 device=device, batch_tokens=batch_tokens, show_progress=show_progress,
+                                 stop_after_shards=stop_after_shards, zero3=zero3, ds_config=ds_config,
+                                 start_timeout_s=start_timeout_s, call_timeout_s=call_timeout_s,
+                                 max_restarts=max_restarts)
+
+
+def _held(lock) -> bool:
+    """Whether another process holds `lock` now (a non-blocking probe)."""
+    from kedit_core.io import FileLock, LockHeld
+
+    try:
+        with FileLock(lock.path, blocking=False):
+            return False
+    except LockHeld:
+        return True
+
+
+def _run_stats_locked(lm, sites, corpus, specs, found, missing, store, *, n_samples, max_length, workers,
+                      model_spec, dtype, device, batch_tokens, show_progress, stop_after_shards, zero3,
+                      ds_config, start_timeout_s, call_timeout_s, max_restarts) -> dict:
+    import ray
+    from tqdm.auto import tqdm
+
+    from kedit_core.stats import SHARD_TEXTS, merge_all
+    from pipelines.workers import WorkerFailure, ray_get
+
     pdir = partials_dir(store, {s: specs[s] for s in missing})
     pdir.mkdir(parents=True, exist_ok=True)
     done = {int(p.stem.split("-")[1]) for p in pdir.glob("shard-*.safetensors")}
@@ -142,11 +195,20 @@ def run_stats(lm, sites: list[str], corpus, *, n_samples: int | None, max_length
     use_gpu = device != "cpu" and gpus >= workers
     cpus = ray.cluster_resources().get("CPU", 1)
     per = 1 if use_gpu else max(1, int(cpus // workers))
-    actors = [cls.options(num_cpus=per, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2)
+    actors = [cls.options(num_cpus=per, num_gpus=1 if use_gpu else 0, max_restarts=max_restarts,
+                          max_task_retries=-1)
               .remote(model_spec or lm.name, dtype, "cuda" if use_gpu else "cpu", zero3, ds_config) for _ in range(min(workers, max(len(todo), 1)))]
-    fps = ray.get([a.fingerprint.remote() for a in actors])
+    try:
+        fps = ray_get([a.fingerprint.remote() for a in actors], start_timeout_s, "starting StatsWorkers")
+    except BaseException:
+        for a in actors:
+            ray.kill(a)
+        raise
     if any(fp != lm.fingerprint() for fp in fps):
-        raise RuntimeError("a StatsWorker loaded different weights than the driver")
+        for a in actors:
+            ray.kill(a)
+        raise WorkerFailure("a StatsWorker loaded different weights than the driver: the model path must name "
+                            "the same weights on every node")
 
     free = list(actors)
     pending: dict = {}
@@ -156,7 +218,7 @@ def run_stats(lm, sites: list[str], corpus, *, n_samples: int | None, max_length
     def finish(ref) -> None:
         nonlocal n_tokens
         actor = pending.pop(ref)
-        index, sums, secs = ray.get(ref)
+        index, sums, secs = ray_get(ref, call_timeout_s, "StatsWorker shard")
         _save_shard(pdir / f"shard-{index:05d}.safetensors", sums, texts[index])
         free.append(actor)
         toks = next(iter(sums.values()))[1]
@@ -164,30 +226,49 @@ def run_stats(lm, sites: list[str], corpus, *, n_samples: int | None, max_length
         bar.update(toks)
         bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
 
-    for index, ids_ref in todo:
-        if not free:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+    def wait_one() -> None:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=call_timeout_s)
+        if not ready:
+            raise WorkerFailure(f"StatsWorker shard: no answer within {call_timeout_s:g} s (raise "
+                                "actor_call_timeout_s if a shard is that slow); finished shards are kept")
+        try:
             finish(ready[0])
-        actor = free.pop(0)
-        pending[actor.run.remote(index, missing, ids_ref, batch_tokens)] = actor
-        n_new += 1
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        finish(ready[0])
-    bar.close()
-    for a in actors:
-        ray.kill(a)
+        except WorkerFailure:
+            for ref in list(pending):   # keep what the other workers finish, then fail
+                try:
+                    finish(ref)
+                except Exception:  # noqa: BLE001 - best effort; the first failure is the error
+                    pass
+            raise
+
+    try:
+        for index, ids_ref in todo:
+            if not free:
+                wait_one()
+            actor = free.pop(0)
+            pending[actor.run.remote(index, missing, ids_ref, batch_tokens)] = actor
+            n_new += 1
+        while pending:
+            wait_one()
+    finally:
+        bar.close()
+        for a in actors:
+            ray.kill(a)
     dt = time.perf_counter() - t0
     log.info("statistics: %d new tokens in %.1fs (%.0f tokens/s) with %d workers", n_tokens, dt,
              n_tokens / max(dt, 1e-9), workers)
     if stop_after_shards is not None and n_new >= stop_after_shards and len(done) + n_new < n_shards:
         return {"interrupted": True, "shards_done": len(done) + n_new}
     shard_files = sorted(pdir.glob("shard-*.safetensors"))
+    have = sorted(int(p.stem.split("-")[1]) for p in shard_files)
+    if have != list(range(n_shards)):
+        raise WorkerFailure(f"statistics shards {sorted(set(range(n_shards)) - set(have))[:10]} of {n_shards} are "
+                            f"missing in {pdir}; run the command again to compute them")
     loaded = [_load_shard(p) for p in shard_files]
     merged = merge_all(m for m, _ in loaded)
     n_texts = sum(t for _, t in loaded)
     for s in missing:
-        store.save(specs[s], merged[s], n_texts=str(n_texts), shards=str(len(shard_files)), workers=str(workers))
+        store.save(specs[s], merged[s], n_texts=n_texts, shards=str(len(shard_files)), workers=str(workers))
         found[s] = merged[s]
     shutil.rmtree(pdir, ignore_errors=True)
     found["_throughput"] = {"tokens": n_tokens, "seconds": dt, "tokens_per_s": n_tokens / max(dt, 1e-9)}

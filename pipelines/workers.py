@@ -8,6 +8,13 @@ them with the same arithmetic as the driver, so replicas stay bit-identical (a t
 the hashes). Each call carries the weights version it expects; a replica that is behind (an
 actor restarted after its process died) raises `StaleReplica`, and the driver sends it the
 edited sites' current weights and retries: the batch then finishes with the same result.
+
+Faults are bounded: every wait on an actor has a timeout (RunConfig.actor_start_timeout_s,
+actor_call_timeout_s), an actor process is restarted at most `actor_max_restarts` times, and
+an EditWorker refuses to work when its weights' fingerprint differs from the driver's. Each
+of these ends the stream with `WorkerFailure` (a one-line message, exit 1) or, when the
+worker could not read the user's model, the worker's BadInputError (exit 2); the driver only
+writes checkpoints between batches, so the run directory stays resumable.
 """
 
 from __future__ import annotations
@@ -25,6 +32,38 @@ class StaleReplica(RuntimeError):
     """The replica's weights are not the version the driver expects."""
 
 
+class WorkerFailure(RuntimeError):
+    """A worker actor cannot go on (died too often, does not answer, wrong weights): the
+    message says which and what to do; the run directory stays resumable."""
+
+
+def ray_get(refs, timeout_s: float, what: str):
+    """ray.get with a timeout; a worker that died for good, or does not answer in time,
+    becomes a one-line WorkerFailure, and a worker's BadInputError is raised as it is."""
+    import ray
+
+    from kedit_core.errors import BadInputError
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as e:
+        raise WorkerFailure(f"{what}: no answer within {timeout_s:g} s (raise actor_start_timeout_s / "
+                            "actor_call_timeout_s if the work is that slow); finished work is kept: run the "
+                            "command again to resume") from e
+    except ray.exceptions.RayActorError as e:
+        cause = " ".join(str(e).split())
+        init = getattr(e, "actor_init_failed", False)
+        raise WorkerFailure(f"{what}: the worker actor died {'on start-up ' if init else ''}and Ray will not "
+                            f"restart it again (actor_max_restarts); finished work is kept: run the command again to resume "
+                            f"({cause[:240]})") from e
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, BadInputError):
+            raise e.cause from None
+        if isinstance(e.cause, WorkerFailure):
+            raise WorkerFailure(str(e.cause)) from None
+        raise
+
+
 def _set_threads() -> None:
     try:
         import ray
@@ -40,17 +79,41 @@ class EditWorker:
     """One model replica doing its share of a batch's per-request work."""
 
     def __init__(self, model: str, dtype: str, device: str, chunk: int, zero3: bool = False,
-                 ds_config=None):
+                 ds_config=None, fingerprint: str | None = None):
         from kedit_core.apply import DeltaApplier
         from kedit_core.methods.common import LocalBackend
         from kedit_core.models import load
 
+        from kedit_core.errors import BadInputError
+
         _set_threads()
         logging.basicConfig(level=logging.INFO)
-        self.lm = load(model, dtype=dtype, device=device, zero3=zero3, ds_config=ds_config)
+        self.refused = None
+        try:
+            self.lm = load(model, dtype=dtype, device=device, zero3=zero3, ds_config=ds_config)
+        except BadInputError as e:   # the user's input (a model path this node cannot read): no restart helps
+            self.refused = e
+            return
+        # The replica must start from exactly the driver's weights (checked again after
+        # every restart of the process: each call refuses while they differ).
+        if fingerprint is not None and self.lm.fingerprint() != fingerprint:
+            self.refused = (f"EditWorker on {os.uname().nodename} loaded weights with fingerprint "
+                            f"{self.lm.fingerprint()[:12]} for {model!r}, the driver has {fingerprint[:12]}: "
+                            "the model path must name the same weights on every node")
         self.backend = LocalBackend(self.lm, chunk)
         self.applier = DeltaApplier(self.lm)
         self.version = 0
+
+    def ready(self) -> int:
+        """The process id once the model is loaded; refuses a replica with other weights."""
+        self._refuse()
+        return os.getpid()
+
+    def _refuse(self) -> None:
+        if isinstance(self.refused, Exception):
+            raise self.refused
+        if self.refused:
+            raise WorkerFailure(self.refused)
 
     def pid(self) -> int:
         return os.getpid()
@@ -60,6 +123,7 @@ class EditWorker:
                 "source": self.lm.source, "version": self.version}
 
     def _check(self, version: int) -> None:
+        self._refuse()
         if self.version != version:
             raise StaleReplica(f"replica at weights version {self.version}, driver at {version}")
 
@@ -107,11 +171,25 @@ class RayBackend:
     contiguous share of the batch; targets are concatenated and moments added (float64) in
     share order, so the result does not depend on which worker finishes first."""
 
-    def __init__(self, workers: list, snapshot):
+    def __init__(self, workers: list, snapshot, *, call_timeout_s: float = 3600.0):
         self.workers = workers
         self.snapshot = snapshot        # () -> {site: current weight} of the driver
         self.version = 0
         self.recoveries = 0
+        self.call_timeout_s = call_timeout_s
+
+    def _get(self, refs, what: str):
+        return ray_get(refs, self.call_timeout_s, f"EditWorker {what}")
+
+    def _reload(self, w) -> None:
+        import ray
+
+        self.recoveries += 1
+        self._get(w.load_weights.remote(self.version, ray.put(self.snapshot())), "load_weights")
+
+    def gather(self, method: str) -> list:
+        """`method()` of every worker (weights_hash, describe), with the call timeout."""
+        return self._get([getattr(w, method).remote() for w in self.workers], method)
 
     # ------------------------------------------------------------- plumbing
     def _shares(self, requests: Sequence) -> list[tuple[object, list]]:
@@ -130,14 +208,15 @@ class RayBackend:
         for (w, args), ref in zip(jobs, refs):
             for attempt in range(3):
                 try:
-                    out.append(ray.get(ref))
+                    out.append(self._get(ref, method))
                     break
                 except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.cause, WorkerFailure):
+                        raise WorkerFailure(str(e.cause)) from None
                     if not isinstance(e.cause, StaleReplica) or attempt == 2:
                         raise
                     log.warning("worker replica is stale (%s): sending it the current weights", e.cause)
-                    self.recoveries += 1
-                    ray.get(w.load_weights.remote(self.version, ray.put(self.snapshot())))
+                    self._reload(w)
                     ref = getattr(w, method).remote(self.version, *args)
         return out
 
@@ -153,19 +232,20 @@ class RayBackend:
         refs = [w.sync.remote(self.version, ref) for w in self.workers]
         for w, r in zip(self.workers, refs):
             try:
-                ray.get(r)
+                self._get(r, "sync")
             except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, WorkerFailure):
+                    raise WorkerFailure(str(e.cause)) from None
                 if not isinstance(e.cause, StaleReplica):
                     raise
-                self.recoveries += 1
-                ray.get(w.load_weights.remote(self.version, ray.put(self.snapshot())))
+                self._reload(w)
 
     def load_all(self, version: int) -> None:
         import ray
 
         self.version = version
         ref = ray.put(self.snapshot())
-        ray.get([w.load_weights.remote(version, ref) for w in self.workers])
+        self._get([w.load_weights.remote(version, ref) for w in self.workers], "load_weights")
 
     # ------------------------------------------------------------- the backend interface
     def targets(self, requests, zcfg):
@@ -198,9 +278,13 @@ class RayBackend:
 
 
 def start_edit_workers(n: int, model: str, dtype: str, device: str, chunk: int, *, zero3: bool = False,
-                       ds_config=None) -> list:
+                       ds_config=None, fingerprint: str | None = None, max_restarts: int = 3,
+                       start_timeout_s: float = 600.0) -> list:
     """n EditWorker actors (one GPU each when the cluster has enough, else one CPU each),
-    restarted by Ray if their process dies; their calls are retried."""
+    restarted by Ray at most `max_restarts` times if their process dies (their calls are
+    retried); each must load the weights whose fingerprint is `fingerprint` within
+    `start_timeout_s`. A worker that cannot start is killed with the others and raises
+    WorkerFailure (or the worker's BadInputError)."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -208,7 +292,18 @@ def start_edit_workers(n: int, model: str, dtype: str, device: str, chunk: int, 
     cpus = ray.cluster_resources().get("CPU", 1)
     per = 1 if use_gpu else max(1, int(cpus // max(n, 1)))
     cls = ray.remote(EditWorker).options(num_cpus=per, num_gpus=1 if use_gpu else 0,
-                                         max_restarts=-1, max_task_retries=-1)
-    workers = [cls.remote(model, dtype, "cuda" if use_gpu else "cpu", chunk, zero3, ds_config) for _ in range(n)]
-    ray.get([w.pid.remote() for w in workers])  # wait until every replica is loaded
+                                         max_restarts=max_restarts, max_task_retries=-1)
+    workers = [cls.remote(model, dtype, "cuda" if use_gpu else "cpu", chunk, zero3, ds_config, fingerprint)
+               for _ in range(n)]
+    try:   # wait until every replica is loaded (and holds the driver's weights)
+        try:
+            ray_get([w.ready.remote() for w in workers], start_timeout_s, "starting EditWorker replicas")
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, WorkerFailure):
+                raise WorkerFailure(str(e.cause)) from None
+            raise
+    except BaseException:
+        for w in workers:
+            ray.kill(w)
+        raise
     return workers

@@ -1,6 +1,8 @@
 """The mathematics of ROME, MEMIT and AlphaEdit on tiny random models, target optimisation,
 and exact apply / revert."""
 
+import json
+
 import pytest
 import torch
 
@@ -206,6 +208,11 @@ def test_apply_then_revert_restores_every_bit(lm, tmp_path):
     assert config == {"method": "test"} and [d.site for d in loaded] == [d.site for d in deltas]
     assert all(torch.equal(a.matrix(), b.matrix()) for a, b in zip(loaded, deltas))
     (tmp_path / "d" / "deltas.safetensors").write_bytes(b"junk")
+    with pytest.raises(BadInputError, match="does not match the sha256"):   # the pair is checked
+        load_deltas(tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    cfg.pop("deltas_sha256")
+    (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))            # no checksum: parsed
     with pytest.raises(BadInputError, match="unreadable deltas"):
         load_deltas(tmp_path / "d")
 

@@ -84,19 +84,19 @@ def test_store_reuses_recomputes_and_refuses(lm, tmp_path):
     corpus = open_corpus(str(corpus_file))
     store = StatsStore(tmp_path / "stats")
     m1 = store.get_or_compute(lm, SITES, corpus, n_samples=10, max_length=32, show_progress=False)
-    files = sorted(p.name for p in (tmp_path / "stats").iterdir())
+    files = sorted(p.name for p in (tmp_path / "stats").glob("*.safetensors"))
     assert len(files) == 2
-    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "stats").iterdir()}
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "stats").glob("*.safetensors")}
     m2 = store.get_or_compute(lm, SITES, corpus, n_samples=10, max_length=32, show_progress=False)
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "stats").iterdir()} == stamp  # reused
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "stats").glob("*.safetensors")} == stamp  # reused
     assert torch.equal(m1[SITES[0]].sum, m2[SITES[0]].sum)
     # anything in the identity differs -> another file, the first kept
     store.get_or_compute(lm, SITES[:1], corpus, n_samples=5, max_length=32, show_progress=False)
-    assert len(list((tmp_path / "stats").iterdir())) == 3
+    assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 3
     corpus_file.write_text("\n".join(TEXTS[::-1]) + "\nmore text")
     store.get_or_compute(lm, SITES[:1], open_corpus(str(corpus_file)), n_samples=10, max_length=32,
                          show_progress=False)
-    assert len(list((tmp_path / "stats").iterdir())) == 4
+    assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 4
     # a file renamed onto another's name is refused, not mixed in
     spec_a, spec_b = store.specs(lm, SITES, corpus, n_samples=10, max_length=32).values()
     pa, pb = store.path(spec_a), store.path(spec_b)

@@ -4,12 +4,17 @@ from kedit_core.data.readers import FORMATS, detect_format, read_dataset, read_r
 from kedit_core.data.builtin import builtin_path, load_builtin
 
 
-def load_requests(path=None, *, limit: int | None = None, skip_invalid: bool = False,
+def load_requests(path=None, *, limit: int | None = None, skip_invalid: bool = False, strict: bool = False,
                   zsre_convention: str = "mend"):
-    """Requests from a benchmark file (any supported format), or the built-in set.
-    `zsre_convention`: "mend" (alt is the new target; default) or "memit" (answers[0])."""
-    ds = load_builtin() if path in (None, "builtin") else read_dataset(
-        path, skip_invalid=skip_invalid, zsre_convention=zsre_convention)
+    """Requests from a benchmark file (any supported format), or the built-in set. `strict`
+    refuses duplicate case ids (by default they are a logged warning); `zsre_convention`:
+    "mend" (alt is the new target; default) or "memit" (answers[0])."""
+    if limit is not None and limit < 0:
+        from kedit_core.errors import BadInputError
+
+        raise BadInputError(f"must be 0 or more, got {limit}", field="limit")
+    ds = (load_builtin() if path in (None, "builtin")
+          else read_dataset(path, skip_invalid=skip_invalid, strict=strict, zsre_convention=zsre_convention))
     reqs = ds.requests
     return reqs[:limit] if limit is not None else reqs
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import functools
 
 import json
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from kedit_core.errors import BadInputError
 from kedit_core.types import EditCase, EditDataset, EditRequest, LabeledPrompt
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- raw records
@@ -32,7 +35,13 @@ def read_records(path: str | Path) -> list[dict]:
             return pq.read_table(p).to_pylist()
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise BadInputError(f"not a readable parquet file ({e})", file=str(p)) from e
-    text = p.read_text(encoding="utf-8")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise BadInputError(f"not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} "
+                            f"(line {line}); re-encode the file as UTF-8", file=str(p)) from e
     stripped = text.lstrip()
     if not stripped:
         raise BadInputError("the file is empty", file=str(p))
@@ -239,7 +248,14 @@ def parse_evoke(rec: _Rec) -> EditCase:
     if rec.has("relation_specificity"):
         spec = rec.get("relation_specificity", dict)
         ans = spec.get("answer") or {}
-        answers = [ans.get("value", "")] + list(ans.get("aliases", [])) if isinstance(ans, Mapping) else _answers(ans)
+        if isinstance(ans, Mapping):
+            value = ans.get("value", "")
+            if not isinstance(value, str):
+                raise rec.error("relation_specificity.answer.value", f"expected str, got {type(value).__name__}")
+            aliases = rec.texts("aliases", raw=ans, prefix="relation_specificity.answer.")
+            answers = [value, *aliases]
+        else:
+            answers = _answers(ans)
         lp = _labeled(rec.text("prompt", raw=spec, prefix="relation_specificity."), answers)
         if lp:
             probes.append(("relation_specificity", (lp,)))
@@ -418,9 +434,13 @@ def detect_format(records: Iterable[Any], file: str = "<data>") -> str:
 
 
 def read_dataset(path: str | Path, *, format: str | None = None,
-                 skip_invalid: bool = False, zsre_convention: str = "mend") -> EditDataset:
+                 skip_invalid: bool = False, strict: bool = False,
+                 zsre_convention: str = "mend") -> EditDataset:
     """Read and validate a benchmark file. `format=None` detects it from the content;
-    `zsre_convention` chooses how zsRE records become requests (see `parse_zsre`)."""
+    `zsre_convention` chooses how zsRE records become requests (see `parse_zsre`).
+
+    Duplicate case ids are reported in `EditDataset.warnings` (and logged) by default; with
+    `strict=True` the first duplicate raises `BadInputError` naming its record."""
     file = str(path)
     records = read_records(path)
     if not records:
@@ -434,13 +454,26 @@ def read_dataset(path: str | Path, *, format: str | None = None,
     elif zsre_convention not in ZSRE_CONVENTIONS:
         raise BadInputError(f"unknown zsRE convention {zsre_convention!r} (choose {' or '.join(ZSRE_CONVENTIONS)})",
                             field="zsre_convention")
-    cases, problems = [], []
+    cases, problems, warnings, first = [], [], [], {}
     for i, raw in enumerate(records):
         try:
-            cases.append(parse(_Rec(raw, file, i)))
+            case = parse(_Rec(raw, file, i))
         except BadInputError as e:
             if not skip_invalid:
                 raise
             problems.append(str(e))
+            continue
+        if case.case_id in first:
+            err = BadInputError(f"duplicate case id {case.case_id!r} (first at record {first[case.case_id]})",
+                                file=file, record=i, field="case_id")
+            if strict:
+                raise err
+            warnings.append(str(err))
+        else:
+            first[case.case_id] = i
+        cases.append(case)
+    if warnings:
+        log.warning("%s: %d duplicate case id(s), e.g. %s (refused with --strict)", file, len(warnings),
+                    warnings[0])
     return EditDataset(path=file, format=fmt, cases=tuple(cases), records=len(records),
-                       problems=tuple(problems))
+                       problems=tuple(problems), warnings=tuple(warnings))

@@ -120,13 +120,17 @@ def _coerce(f: dataclasses.Field, v: Any) -> Any:
         if isinstance(default, tuple):
             if isinstance(v, str):
                 v = [x for x in v.replace(",", " ").split()]
-            return tuple(type(default[0])(x) if default else int(x) for x in v)
-        if isinstance(default, bool):
+            out = tuple(type(default[0])(x) if default else int(x) for x in v)
+        elif isinstance(default, bool):
             return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
-        if isinstance(default, (int, float)) and not isinstance(v, bool):
+        elif isinstance(default, (int, float)) and not isinstance(v, bool):
             return type(default)(v)
     except (TypeError, ValueError) as e:
         raise BadInputError(f"cannot read {v!r} as {type(default).__name__}", field=f.name) from e
+    if isinstance(default, tuple):
+        if default and not out:
+            raise BadInputError(f"must not be empty (e.g. {f.name}=4,5,6)", field=f.name)
+        return out
     return v
 
 

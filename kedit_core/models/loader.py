@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from kedit_core.errors import BadInputError, ModelNotAvailableError
 from kedit_core.models.arch import ArchSpec, arch_for
@@ -156,10 +157,17 @@ def iter_full_state(lm: LoadedModel):
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInputError(f"device {device!r} asked for, but no CUDA device is available", field="device")
-    if device not in ("cpu",) and not device.startswith("cuda"):
+    device = str(device).strip()
+    if device == "cpu":
+        return torch.device("cpu")
+    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise BadInputError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)", field="device")
+    if not torch.cuda.is_available():
+        raise BadInputError(f"device {device!r} asked for, but no CUDA device is available", field="device")
+    n = torch.cuda.device_count()
+    if device != "cuda" and int(device[5:]) >= n:
+        raise BadInputError(f"device {device!r} asked for, but this machine has {n} CUDA device(s) "
+                            f"(cuda:0 to cuda:{n - 1})", field="device")
     return torch.device(device)
 
 
@@ -289,8 +297,23 @@ def _load_path_or_hub(spec: str):
                 return (*_load_gguf(ggufs[0].resolve()), str(ggufs[0]))
             if not (p / "config.json").exists():
                 raise ModelNotAvailableError(f"{spec}: the directory holds no config.json (nor a single .gguf)")
-            _check_config_arch(p)
-            return (*_from_pretrained(p), str(p))
+            try:
+                _check_config_arch(p)
+            except BadInputError:
+                raise
+            except (ValueError, KeyError, OSError) as e:  # unknown model_type, malformed config.json
+                raise ModelNotAvailableError(f"not a loadable model config ({_first_line(e)})",
+                                             file=str(p / "config.json"), field="model") from e
+            try:
+                return (*_from_pretrained(p), str(p))
+            except BadInputError:
+                raise
+            except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+                # corrupt weights or tokenizer files, shapes that do not fit the config: name them
+                weights = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin"))
+                where = str(weights[0]) if len(weights) == 1 else str(p)
+                raise ModelNotAvailableError(f"cannot load the model files ({type(e).__name__}: "
+                                             f"{_first_line(e)})", file=where, field="model") from e
         if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
             raise ModelNotAvailableError(f"{spec}: no such file or directory")
         _check_config_arch(spec)
@@ -303,3 +326,8 @@ def _load_path_or_hub(spec: str):
         raise ModelNotAvailableError(
             f"unknown model {spec!r}: not a built-in alias ({aliases}), not a local path, and "
             f"not loadable from the hub ({first[:160]})") from e
+
+
+def _first_line(e: BaseException, n: int = 160) -> str:
+    text = " ".join(str(e).split())
+    return (text or type(e).__name__)[:n]

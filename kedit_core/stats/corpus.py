@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,10 @@ from kedit_core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext" / "wiki.test.raw"
+# WikiText-2 test beside the project; KEDIT_DEFAULT_CORPUS names another file (a machine's
+# own default; a stream records which corpus it resolved to and refuses to resume on another).
+DEFAULT_CORPUS = Path(os.environ.get("KEDIT_DEFAULT_CORPUS") or
+                      Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext" / "wiki.test.raw")
 
 
 def _pydoc_texts() -> Iterator[str]:
@@ -74,7 +78,12 @@ class Corpus:
         h.update(self.text_column.encode())
         return h.hexdigest()
 
-    def texts(self) -> Iterator[str]:
+    def texts(self) -> "CorpusTexts":
+        """The corpus's texts in order (an iterable that knows its source, so that a consumer
+        finding no usable text can name the corpus)."""
+        return CorpusTexts(self)
+
+    def _iter_texts(self) -> Iterator[str]:
         if self.id == "builtin:pydoc":
             yield from _pydoc_texts()
             return
@@ -90,6 +99,31 @@ class Corpus:
             return
         for f in self.files:
             yield from _file_texts(f, self.text_column)
+
+
+class CorpusTexts:
+    """Iterable over a corpus's texts; `source` names the corpus in error messages."""
+
+    def __init__(self, corpus: Corpus):
+        self.corpus = corpus
+        self.source = corpus.id
+
+    def __iter__(self) -> Iterator[str]:
+        return self.corpus._iter_texts()
+
+
+def no_usable_text(source: str | None, detail: str = "") -> BadInputError:
+    """The error for a corpus that yields nothing to compute statistics on."""
+    return BadInputError("the corpus holds no usable text (only blank lines, headings or texts of "
+                         f"fewer than 2 tokens{detail})", file=source, field="stats_corpus")
+
+
+def check_has_text(corpus: Corpus) -> None:
+    """Refuse, reading only up to the first text, a corpus with no non-empty text at all.
+    (Texts too short to use are found by `moments.tokenize_corpus`, which has the tokenizer.)"""
+    for _ in corpus.texts():
+        return
+    raise no_usable_text(corpus.id)
 
 
 def _file_texts(f: Path, column: str) -> Iterator[str]:

@@ -33,6 +33,7 @@ class SecondMoment:
 
     sum: torch.Tensor
     count: int = 0
+    texts: int | None = None     # texts the sum came from (recorded by the store)
 
     @classmethod
     def zeros(cls, d: int) -> "SecondMoment":
@@ -110,15 +111,25 @@ def collect_sharded(lm: LoadedModel, sites: Sequence[str], token_lists: Sequence
 
 def tokenize_corpus(lm: LoadedModel, texts: Iterable[str], *, max_length: int = 128,
                     n_samples: int | None = None) -> list[list[int]]:
-    """Token ids of up to `n_samples` texts, each truncated to `max_length` tokens."""
+    """Token ids of up to `n_samples` texts, each truncated to `max_length` tokens (texts of
+    fewer than 2 tokens are skipped). When `texts` is a whole corpus (`Corpus.texts()`, which
+    carries `source`), a corpus with no usable text raises `BadInputError` naming it and field
+    stats_corpus, rather than yielding statistics of zero tokens; other iterables (a held-out
+    tail for perplexity, a list) may come out empty."""
     out = []
     tok = lm.tokenizer
+    seen = 0
     for text in texts:
         if n_samples is not None and len(out) >= n_samples:
             break
+        seen += 1
         ids = tok(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
         if len(ids) >= 2:
             out.append(ids)
+    if not out and n_samples != 0 and getattr(texts, "source", None) is not None:
+        from kedit_core.stats.corpus import no_usable_text
+
+        raise no_usable_text(getattr(texts, "source", None), f"; {seen} text(s) read")
     return out
 
 

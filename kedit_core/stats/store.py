@@ -59,16 +59,20 @@ class StatsSpec:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    """safetensors written atomically (kedit_core.io.atomic_file: unique temp name, fsync,
+    rename, fsync of the directory)."""
+    from kedit_core.io import atomic_file
+
+    with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes: a statistics entry's content checksum."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -92,24 +96,60 @@ class StatsStore:
 
     # ---------------------------------------------------------------- moments
     def load(self, spec: StatsSpec) -> SecondMoment | None:
+        """The stored moment, verified: identity (the name's content), the content checksum
+        and the token count of the header must all hold, else the entry is refused with a
+        one-line error (never used). An entry written before checksums existed is treated as
+        absent (recomputed) with a warning."""
         p = self.path(spec)
         if not p.is_file():
             return None
         tensors, meta = _read(p)
-        stored = json.loads(meta.get("identity", "null") or "null")
+        try:
+            stored = json.loads(meta.get("identity", "null") or "null")
+        except json.JSONDecodeError:
+            stored = None
         if stored != spec.identity():
             diff = sorted(k for k in spec.identity() if (stored or {}).get(k) != spec.identity()[k])
             raise BadInputError(f"statistics file does not match its name (differs in {', '.join(diff)}); "
                                 "it was renamed or damaged: delete it to recompute", file=str(p))
-        return SecondMoment(tensors["sum"], int(meta["count"]))
+        if "sha256" not in meta:
+            log.warning("%s has no content checksum (written by an older kedit); recomputing it", p)
+            return None
+        if "sum" not in tensors or tensor_sha256(tensors["sum"]) != meta["sha256"]:
+            raise BadInputError("statistics file does not match its content checksum (damaged or "
+                                "overwritten); delete it to recompute", file=str(p), field="sha256")
+        try:
+            count, texts, tokens = int(meta["count"]), int(meta["texts"]), int(meta["tokens"])
+        except (KeyError, ValueError) as e:
+            raise BadInputError("statistics file lacks its text / token counts; delete it to recompute",
+                                file=str(p), field="count") from e
+        if count != tokens or count <= 0 or texts <= 0:
+            raise BadInputError(f"statistics file records {count} tokens but {tokens} were counted over "
+                                f"{texts} texts; delete it to recompute", file=str(p), field="count")
+        return SecondMoment(tensors["sum"], count, texts)
 
-    def save(self, spec: StatsSpec, moment: SecondMoment, **extra: str) -> Path:
+    def save(self, spec: StatsSpec, moment: SecondMoment, *, n_texts: int | None = None, **extra: str) -> Path:
         p = self.path(spec)
+        texts = n_texts if n_texts is not None else moment.texts
+        if not texts or moment.count <= 0:
+            raise ValueError(f"refusing to store an empty statistic for {spec.site} ({texts} texts, "
+                             f"{moment.count} tokens)")
         meta = {"identity": json.dumps(spec.identity(), sort_keys=True), "count": str(moment.count),
+                "texts": str(int(texts)), "tokens": str(moment.count), "sha256": tensor_sha256(moment.sum),
                 "model": spec.model, "corpus_id": spec.corpus_id, "created": str(time.time()),
                 **{k: str(v) for k, v in extra.items()}}
         _atomic_save({"sum": moment.sum}, meta, p)
+        moment.texts = int(texts)
         return p
+
+    def lock(self, specs) -> "FileLock":
+        """The lock of a group of entries: held while one process computes and saves them, so
+        two jobs for the same entry (a sweep starts them by the dozen) never interleave; the
+        second waits, then finds the entry stored."""
+        from kedit_core.io import FileLock
+
+        key = hashlib.sha256(json.dumps(sorted(s.digest() for s in specs)).encode()).hexdigest()[:24]
+        return FileLock(self.root / "locks" / f"{key}.lock")
 
     def specs(self, lm: LoadedModel, sites, corpus: Corpus, *, n_samples: int | None,
               max_length: int) -> dict[str, StatsSpec]:
@@ -126,15 +166,22 @@ class StatsStore:
         specs = self.specs(lm, sites, corpus, n_samples=n_samples, max_length=max_length)
         out = {s: self.load(spec) for s, spec in specs.items()}
         missing = [s for s, m in out.items() if m is None]
-        if missing:
-            log.info("computing second moments for %s on %s (%s texts, %d tokens each at most)",
-                     ", ".join(missing), corpus.id, n_samples or "all", max_length)
-            token_lists = tokenize_corpus(lm, corpus.texts(), max_length=max_length, n_samples=n_samples)
-            computed = self.compute(lm, missing, token_lists, batch_tokens=batch_tokens,
-                                    show_progress=show_progress)
+        if not missing:
+            return out
+        with self.lock([specs[s] for s in missing]):
+            # another process may have stored them while this one waited for the lock
             for s in missing:
-                self.save(specs[s], computed[s], n_texts=str(len(token_lists)))
-                out[s] = computed[s]
+                out[s] = self.load(specs[s])
+            missing = [s for s, m in out.items() if m is None]
+            if missing:
+                log.info("computing second moments for %s on %s (%s texts, %d tokens each at most)",
+                         ", ".join(missing), corpus.id, n_samples or "all", max_length)
+                token_lists = tokenize_corpus(lm, corpus.texts(), max_length=max_length, n_samples=n_samples)
+                computed = self.compute(lm, missing, token_lists, batch_tokens=batch_tokens,
+                                        show_progress=show_progress)
+                for s in missing:
+                    self.save(specs[s], computed[s], n_texts=len(token_lists))
+                    out[s] = computed[s]
         return out
 
     @staticmethod
@@ -160,11 +207,13 @@ class StatsStore:
         p = self.path(pspec)
         if p.is_file():
             tensors, meta = _read(p)
-            if json.loads(meta.get("identity", "null")) == pspec.identity():
+            if (json.loads(meta.get("identity", "null")) == pspec.identity() and "P" in tensors
+                    and meta.get("sha256") == tensor_sha256(tensors["P"])):
                 return tensors["P"]
+            log.warning("recomputing the projector %s (stale or damaged)", p)
         P, rank = nullspace_projector(moment.mean(), threshold)
         _atomic_save({"P": P}, {"identity": json.dumps(pspec.identity(), sort_keys=True),
-                                "rank": str(rank), "threshold": str(threshold)}, p)
+                                "rank": str(rank), "threshold": str(threshold), "sha256": tensor_sha256(P)}, p)
         log.info("null-space projector for %s: rank %d of %d (threshold %g)", spec.site, rank,
                  P.shape[0], threshold)
         return P

@@ -9,13 +9,16 @@ def add_parser(sub) -> None:
     ip = dsub.add_parser("inspect", help="detect the format of FILE, count and validate its records")
     ip.add_argument("file", help="JSON, JSONL or parquet file, or 'builtin'")
     ip.add_argument("--max-problems", type=int, default=5, help="problems to print (default: %(default)s)")
+    ip.add_argument("--strict", action="store_true",
+                    help="refuse duplicate case ids (by default a warning)")
     ip.set_defaults(func=run_inspect)
 
 
 def run_inspect(args) -> int:
     from kedit_core.data import load_builtin, read_dataset
 
-    ds = load_builtin() if args.file == "builtin" else read_dataset(args.file, skip_invalid=True)
+    ds = load_builtin() if args.file == "builtin" else read_dataset(args.file, skip_invalid=True,
+                                                                     strict=args.strict)
     reqs = ds.requests
     print(f"file:     {ds.path}")
     print(f"format:   {ds.format}")
@@ -28,6 +31,11 @@ def run_inspect(args) -> int:
             ("neighbourhood", sum(len(x.neighborhood) for x in reqs)),
             ("portability", sum(len(x.portability) for x in reqs)),
             ("multi-hop questions", sum(len(c.multi_hop_questions) for c in ds.cases))]))
+    if ds.warnings:
+        print(f"warnings: {len(ds.warnings)} duplicate case id(s) (refused with --strict); the first "
+              f"{min(args.max_problems, len(ds.warnings))}:")
+        for line in ds.warnings[: args.max_problems]:
+            print(f"  {line}")
     if ds.problems:
         print(f"problems: {len(ds.problems)} invalid record(s); the first {min(args.max_problems, len(ds.problems))}:")
         for line in ds.problems[: args.max_problems]:

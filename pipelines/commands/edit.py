@@ -37,6 +37,18 @@ def add_parser(sub) -> None:
     p.add_argument("--experiment", default=None)
     p.add_argument("--ray-address", default=None)
     p.add_argument("--skip-invalid", action="store_true", default=None)
+    p.add_argument("--tracking-timeout-s", type=float, default=None,
+                   help="wait at most this for one MLflow call before buffering it (default 10)")
+    p.add_argument("--tracking-flush-s", type=float, default=None,
+                   help="at the end, wait at most this for buffered MLflow calls (default 60)")
+    p.add_argument("--actor-start-timeout-s", type=float, default=None,
+                   help="a Ray actor must have loaded its model within this (default 600)")
+    p.add_argument("--actor-call-timeout-s", type=float, default=None,
+                   help="one actor call (a batch's share) must finish within this (default 3600)")
+    p.add_argument("--actor-max-restarts", type=int, default=None,
+                   help="a worker process that dies more often than this is given up (default 3)")
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="refuse duplicate case ids in the dataset (by default a warning)")
     p.add_argument("--zero3", action="store_true", default=None,
                    help="load the driver's and the workers' models partitioned by DeepSpeed ZeRO-3 "
                         "(pip install 'kedit[deepspeed]'), for a replica larger than one GPU")
@@ -45,23 +57,65 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def read_run_json(run_dir: str | Path) -> dict:
+    """The saved config of a run directory's run.json, refusing (one line naming the file
+    and field) a missing, truncated, corrupt or foreign record."""
+    from kedit_core.errors import BadInputError
+    from pipelines.config import FIELDS
+
+    run_json = Path(run_dir) / "run.json"
+    if not run_json.is_file():
+        raise BadInputError("not a run directory (no run.json)", file=str(run_json))
+    try:
+        record = json.loads(run_json.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"corrupt run record (not UTF-8 at byte offset {e.start})", file=str(run_json)) from e
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"corrupt or truncated run record (line {e.lineno} column {e.colno}: {e.msg})",
+                            file=str(run_json)) from e
+    if not isinstance(record, dict):
+        raise BadInputError("corrupt run record (expected a JSON object)", file=str(run_json))
+    for key in ("config", "identity"):
+        if not isinstance(record.get(key), dict):
+            raise BadInputError("corrupt run record: missing or not an object", file=str(run_json), field=key)
+    cfg = record["config"]
+    for key in cfg:
+        if key not in FIELDS:
+            raise BadInputError("corrupt run record: unknown option", file=str(run_json), field=f"config.{key}")
+    for key in ("model", "method"):
+        if not isinstance(cfg.get(key), str):
+            raise BadInputError("corrupt run record: missing or not a string", file=str(run_json),
+                                field=f"config.{key}")
+    return cfg
+
+
 def config_from_args(args):
     from kedit_core.errors import BadInputError
     from pipelines.commands.edit_local import parse_overrides
-    from pipelines.config import build
+    from pipelines.config import RunConfig, build, load_yaml
 
     flags = {k: getattr(args, k) for k in ("model", "method", "data", "limit", "batch_size", "workers",
                                            "eval_every", "eval_limit", "checkpoint_every", "keep_checkpoints",
                                            "out", "stats_corpus", "dtype", "device", "perplexity_texts",
                                            "perplexity_corpus", "zsre_convention",
                                            "tracking_uri", "experiment", "ray_address", "skip_invalid",
-                                           "zero3", "ds_config")}
+                                           "strict", "zero3", "ds_config", "tracking_timeout_s", "tracking_flush_s",
+                                           "actor_start_timeout_s", "actor_call_timeout_s", "actor_max_restarts")}
     file = args.config
     if args.resume:
-        run_json = Path(args.resume) / "run.json"
-        if not run_json.is_file():
-            raise BadInputError("not a run directory (no run.json)", file=str(run_json))
-        saved = json.loads(run_json.read_text())["config"]
+        saved = read_run_json(args.resume)
+        if file:
+            # A config given with --resume must describe the same stream: its identity
+            # fields must equal the saved ones (other options, e.g. workers, may change).
+            from_file = load_yaml(file)
+            base = build(None, **saved)
+            for k in RunConfig.IDENTITY:
+                if k in from_file and from_file[k] != getattr(base, k):
+                    raise BadInputError(
+                        f"differs from the run being resumed ({getattr(base, k)!r} in "
+                        f"{Path(args.resume) / 'run.json'}, {from_file[k]!r} here); resume without "
+                        "--config or choose another --out", file=str(file), field=k)
+            saved = {**saved, **{k: v for k, v in from_file.items() if k not in RunConfig.IDENTITY}}
         given = {k: v for k, v in flags.items() if v is not None}
         flags = {**saved, **given, "out": str(args.resume)}
         if args.set:
@@ -89,7 +143,21 @@ def run(args) -> int:
 
     from pipelines.edit_job import EditStream
 
+    from kedit_core.data import read_dataset
+    from kedit_core.errors import BadInputError
+    from pipelines.commands import check_output_dir
+
     cfg = config_from_args(args)
+    if not cfg.out:
+        raise BadInputError("an output directory is required (--out)", field="out")
+    check_output_dir(cfg.out)
+    if cfg.stats_corpus:  # fail before Ray and the model start (texts too short: found later)
+        from kedit_core.stats import open_corpus
+        from kedit_core.stats.corpus import check_has_text
+
+        check_has_text(open_corpus(cfg.stats_corpus))
+    if cfg.strict and cfg.data != "builtin":
+        read_dataset(cfg.data, skip_invalid=cfg.skip_invalid, strict=True)  # refuses duplicate case ids
     result = EditStream(cfg).run()
     summary(Console(), result, Path(cfg.out))
     return 0

@@ -33,6 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--zsre-convention", default="mend", choices=["mend", "memit"],
                    help="zsRE files: 'mend' (alt is the new target; default) or 'memit' (answers[0])")
     p.add_argument("--no-export", action="store_true", help="write deltas only, not the HF model")
+    p.add_argument("--strict", action="store_true", help="refuse duplicate case ids (by default a warning)")
     p.set_defaults(func=run)
 
 
@@ -55,13 +56,22 @@ def run(args) -> int:
     from kedit_core.data import load_requests
     from kedit_core.errors import BadInputError
 
+    from pipelines.commands import check_output_dir
+
+    for name in ("batch_size",):
+        if getattr(args, name) < 1:
+            raise BadInputError(f"must be at least 1, got {getattr(args, name)}", field=name)
+    for name in ("limit", "perplexity_texts"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise BadInputError(f"must be 0 or more, got {getattr(args, name)}", field=name)
     out = Path(args.out)
+    check_output_dir(out)
     if (out / "metrics.json").exists():
         raise BadInputError("already holds a finished run (metrics.json); choose another --out",
                             file=str(out))
     console = Console()
     reqs = load_requests(None if args.data == "builtin" else args.data, limit=args.limit,
-                         skip_invalid=args.skip_invalid, zsre_convention=args.zsre_convention)
+                         skip_invalid=args.skip_invalid, strict=args.strict, zsre_convention=args.zsre_convention)
     if not reqs:
         raise BadInputError("no edit requests to apply", file=args.data)
     ed = Editor(args.model, args.method, args.stats_corpus, device=args.device, dtype=args.dtype,
@@ -79,7 +89,9 @@ def run(args) -> int:
               "zsre_convention": args.zsre_convention,
               "perplexity_source": ed.heldout(args.perplexity_texts).source if args.perplexity_texts else None}
     ed.save(out, export_model=not args.no_export)
-    (out / "metrics.json").write_text(json.dumps(result, indent=1, default=str))
+    from kedit_core.io import atomic_write_text
+
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=1, default=str))
     keys = ["efficacy_score", "paraphrase_score", "neighborhood_score", "score", "rewrite_gen",
             "paraphrase_gen", "rewrite_acc", "neighborhood_acc", "locality", "perplexity"]
     for k in keys:

@@ -13,7 +13,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import json
     from pathlib import Path
 
     import torch
@@ -24,10 +23,12 @@ def run(args) -> int:
     from kedit_core.types import WeightDelta
     from pipelines.checkpoint import CheckpointManager
 
-    run_json = Path(args.run_dir) / "run.json"
-    if not run_json.is_file():
-        raise BadInputError("not a run directory (no run.json)", file=str(run_json))
-    cfg = json.loads(run_json.read_text())["config"]
+    from pipelines.commands import check_output_dir
+    from pipelines.commands.edit import read_run_json
+
+    cfg = read_run_json(args.run_dir)
+    out = Path(args.to)
+    check_output_dir(out, field="to")
     ck = CheckpointManager(args.run_dir).latest()
     if ck is None:
         raise BadInputError("no complete checkpoint to export", file=str(Path(args.run_dir) / "checkpoints"))
@@ -35,7 +36,6 @@ def run(args) -> int:
     if ck.state["identity"].get("model_hash") not in (None, lm.fingerprint()):
         raise BadInputError("the model's weights differ from those the run edited", file=str(ck.path),
                             field="model")
-    out = Path(args.to)
     arch, model = lm.arch, lm.model
     deltas = []
     with torch.no_grad():
@@ -45,9 +45,26 @@ def run(args) -> int:
             p.copy_(w.to(p.dtype))
     meta = {"model": cfg["model"], "model_hash": lm.fingerprint(), "method": cfg["method"],
             "n_edits": ck.n_edits, "checkpoint": str(ck.path)}
-    save_deltas(out, deltas, meta)
-    if not args.deltas_only:
-        model.save_pretrained(out / "model", safe_serialization=True)
-        lm.tokenizer.save_pretrained(out / "model")
+    existed = out.exists()
+    try:
+        save_deltas(out, deltas, meta)
+        if not args.deltas_only:
+            from kedit_core.editor import save_model
+
+            save_model(lm, out / "model")     # atomic: a complete export or none
+    except Exception as e:
+        # A full or read-only disk: safetensors reports it as its own error type, not OSError.
+        text = f"{type(e).__name__}: {e}"
+        disk = isinstance(e, OSError) or any(m in text for m in (
+            "No space left", "StorageFull", "os error 28", "Read-only file system", "os error 30",
+            "Permission denied", "os error 13", "Disk quota"))
+        if not disk:
+            raise
+        if not existed:  # remove the partial export this command created (never older files)
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:160]
+        raise BadInputError(f"cannot write the export ({reason})", file=str(out), field="to") from e
     print(f"exported {ck.n_edits} edits from {ck.path} to {out}" + ("" if args.deltas_only else " (deltas + model/)"))
     return 0

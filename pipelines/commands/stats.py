@@ -19,21 +19,33 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from kedit_core.errors import BadInputError
     from kedit_core.methods import get_method, make_config
     from kedit_core.models import load
-    from kedit_core.stats import StatsStore, open_corpus
+    from kedit_core.stats import StatsStore, open_corpus, tokenize_corpus
+    from kedit_core.stats.corpus import check_has_text
     from pipelines.raycluster import init_ray
     from pipelines.stats_job import run_stats
 
-    init_ray(args.ray_address)
-    lm = load(args.model, dtype=args.dtype, device=args.device)
+    # Everything the user can get wrong is checked before Ray starts.
+    if args.workers < 1:  # unlike `kedit edit` (0: no actors), statistics need at least one actor
+        raise BadInputError(f"must be at least 1 StatsWorker actor, got {args.workers}", field="workers")
+    for name in ("samples", "max_length"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise BadInputError(f"must be at least 1, got {v}", field=name)
     method = get_method(args.method)
-    over = {"layers": args.layers} if args.layers else {}
+    corpus = open_corpus(args.corpus)
+    check_has_text(corpus)
+    lm = load(args.model, dtype=args.dtype, device=args.device)
+    over = {"layers": args.layers} if args.layers is not None else {}
     cfg = make_config(method.config_cls, lm, over)
     sites = [k.site for k in method.required_stats(cfg, lm)]
     store = StatsStore()
-    corpus = open_corpus(args.corpus)
     kw = dict(n_samples=args.samples or cfg.mom2_n_samples, max_length=args.max_length or cfg.mom2_max_length)
+    # At least one text of 2+ tokens (reads up to the first): else one line naming the corpus.
+    tokenize_corpus(lm, corpus.texts(), max_length=kw["max_length"], n_samples=1)
+    init_ray(args.ray_address)
     res = run_stats(lm, sites, corpus, workers=args.workers, store=store, model_spec=args.model,
                     dtype=args.dtype, device=args.device, **kw)
     tp = res.get("_throughput")

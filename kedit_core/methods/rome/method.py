@@ -15,7 +15,9 @@ As in the reference (kmeng01/rome `rome_main.py`, `compute_u.py`, `compute_v.py`
 use ROME's own context templates (kedit_core.zopt.rome_context_templates): "{}" plus ten
 5-token and ten 10-token samples after the model's document-start token, averaged
 uniformly (k*: the mean over the 21 prompts; v*: the NLL averaged over them); MEMIT's six
-templates with the bare prompt weighted 1/2 are not used here.
+templates with the bare prompt weighted 1/2 are not used here. (The AlphaEdit repository's
+copy of rome_main.py seeds its 21 samples from MEMIT's five prompts instead of
+<|endoftext|>; kedit follows kmeng01/rome.)
 
 Deviations from the reference code:
 * a batch is applied one request after another (ROME is a single-edit method); the result
@@ -52,7 +54,10 @@ class RomeConfig(EditConfig):
     ARCH_DEFAULTS: ClassVar = {
         ("gpt2", 48, 1600): dict(layers=(17,), v_num_grad_steps=20, clamp_norm_factor=4.0),
         ("gptj", 28, 4096): dict(layers=(5,), v_num_grad_steps=20, clamp_norm_factor=4.0),
-        ("llama", 32, 4096): dict(layers=(5,), v_num_grad_steps=25, v_lr=0.5),
+        # Llama-3-8B: the AlphaEdit repository's hparams/ROME/Llama3-8B.json (no C^-1 in the
+        # left vector, weight decay 1e-3).
+        ("llama", 32, 4096): dict(layers=(5,), v_num_grad_steps=25, v_lr=0.5, clamp_norm_factor=4.0,
+                                  v_weight_decay=1e-3, mom2_adjustment=False),
         # SmolLM2-135M: chosen by measurement here.
         ("llama", 30, 576): dict(layers=(5,), v_num_grad_steps=25, clamp_norm_factor=4.0,
                                  mom2_n_samples=2000),
