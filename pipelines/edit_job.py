@@ -166,7 +166,7 @@ class EditStream:
         corpus = open_corpus(self.cfg.stats_corpus)
         store = StatsStore()
         specs = store.specs(lm, sites, corpus, n_samples=mcfg.mom2_n_samples, max_length=mcfg.mom2_max_length)
-        if all(store.path(s).is_file() for s in specs.values()):
+        if all(store.load(s) is not None for s in specs.values()):   # present AND verified
             return
         workers = self.cfg.stats_workers or max(1, self.cfg.workers)
         res = run_stats(lm, sites, corpus, n_samples=mcfg.mom2_n_samples, max_length=mcfg.mom2_max_length,
