@@ -64,3 +64,20 @@ def first_token_ranks(lm: LoadedModel, prompts: Sequence[str], answers: Sequence
             first = answer_token_ids(lm, ans)[0]
             ranks.append(int((row > row[first]).sum()))
     return ranks
+
+
+@torch.no_grad()
+def greedy_until(lm: LoadedModel, prompts: Sequence[str], stops: Sequence[str], max_new_tokens: int = 128
+                 ) -> list[str]:
+    """Greedy continuations that end at the first of `stops` (the stop string excluded), as an
+    API's `stop=` does; generation halts early once every row has met a stop string."""
+    enc = encode_batch(lm, prompts)
+    tok = lm.tokenizer
+    out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, stop_strings=list(stops),
+                            tokenizer=tok, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    cut = []
+    for t in texts:
+        ends = [t.find(s) for s in stops if s in t]
+        cut.append(t[:min(ends)] if ends else t)
+    return cut

@@ -77,11 +77,25 @@ def run(args) -> int:
     ed = Editor(args.model, args.method, args.stats_corpus, device=args.device, dtype=args.dtype,
                 perplexity_corpus=args.perplexity_corpus, **parse_overrides(args.set))
     console.print(f"[bold]{args.method}[/] on {args.model}: {len(reqs)} edits in batches of {args.batch_size}")
+    # multi-hop cases (MQuAKE) whose every rewrite is among the edited requests
+    cases = []
+    if args.data != "builtin":
+        from kedit_core.data import read_dataset
+
+        edited = set(reqs)
+        cases = [c for c in read_dataset(args.data, zsre_convention=args.zsre_convention).cases
+                 if c.multi_hop_questions and all(r in edited for r in c.requests)]
     pre = ed.evaluate(reqs, perplexity_texts=args.perplexity_texts)
+    if cases:
+        from kedit_core.evaluate.multihop import evaluate_cases
+
+        pre.update(evaluate_cases(ed.model, cases))
     t0 = time.perf_counter()
     batches = ed.edit(reqs, batch_size=args.batch_size)
     wall = time.perf_counter() - t0
     post = ed.evaluate(reqs, perplexity_texts=args.perplexity_texts)
+    if cases:
+        post.update(evaluate_cases(ed.model, cases))
     compute = sum(b["seconds"] for b in batches)
     result = {"model": args.model, "method": args.method, "data": args.data, "n_edits": len(reqs),
               "batch_size": args.batch_size, "config": ed.cfg.to_dict(), "pre": pre, "post": post,
@@ -93,7 +107,8 @@ def run(args) -> int:
 
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=1, default=str))
     keys = ["efficacy_score", "paraphrase_score", "neighborhood_score", "score", "rewrite_gen",
-            "paraphrase_gen", "rewrite_acc", "neighborhood_acc", "locality", "perplexity"]
+            "paraphrase_gen", "rewrite_acc", "neighborhood_acc", "locality", "multihop_acc", "single_hop_acc",
+            "hop_acc", "perplexity"]
     for k in keys:
         if k in post:
             console.print(f"  {k:<20} {pre.get(k, float('nan')):8.3f} -> {post[k]:8.3f}")
