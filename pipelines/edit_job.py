@@ -262,6 +262,7 @@ class EditStream:
 
         tracker = Tracker(self.out, cfg.tracking_uri, cfg.experiment, timeout_s=cfg.tracking_timeout_s,
                           flush_s=cfg.tracking_flush_s)
+        self.tracker = tracker
         from kedit_core import __version__
 
         tracker.start(self.out.name, {**{k: v for k, v in cfg.to_dict().items() if k != "set"},

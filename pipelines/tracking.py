@@ -265,6 +265,13 @@ class Tracker:
                         "metrics are in the checkpoints; `kedit edit --resume %s` re-logs them)",
                         self.uri, flush_s, left, self.run_dir)
 
+    def join(self, timeout_s: float) -> bool:
+        """Wait for the queue's thread to end (after `finish`; a call already in flight when
+        finish() gave up, blocked in a locked or dead store, may still complete). True when
+        it ended."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
     def history(self, key: str) -> list[tuple[int, float]]:
         """The run's logged (step, value) of `key`, once the queued calls are sent (waiting
         at most flush_s), read straight from the store (raises when it does not answer)."""

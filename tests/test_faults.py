@@ -212,14 +212,19 @@ def test_locked_sqlite_store_does_not_stall_the_stream(tmp_path, corpus, caplog)
     t.start()
     import logging
 
+    stream = EditStream(cfg, show_progress=False)
     with caplog.at_level(logging.WARNING, logger="pipelines.tracking"):
-        result = EditStream(cfg, show_progress=False).run()
+        result = stream.run()
     t.join(timeout=60)
     assert lock.get("line") == "locked"
     assert result["n_edits"] == 8
     assert caplog.text.count("is not answering") == 1 and "calls not sent" in caplog.text
     lock["proc"].stdin.close()    # release the lock
     lock["proc"].wait(timeout=30)
+    # In the CLI the driver's process has ended by now; in this test it lives on, and the call
+    # that was in flight when the store locked completes once the lock is released: let it,
+    # as a second driver would only start after the first one ended.
+    assert stream.tracker.join(60)
     # The metrics the locked store missed are re-logged by a resume (the stream is finished).
     cfg.tracking_flush_s = 60
     EditStream(cfg, show_progress=False).run()
