@@ -72,7 +72,7 @@ def run(args) -> int:
                   f"  kedit ui --runs {Path(out).parent}            # degradation curves in MLflow (127.0.0.1:5000)\n"
                   f"  kedit export {out} --to exported        # the edited model in HF format\n"
                   f"  kedit edit --resume {out}               # continue / resume a stream\n"
-                  "  ray start --head && ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
-                  "kedit edit --config cluster_configs/jobs/quickstart.yaml")
+                  "  ray start --head && RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 "
+                  "--working-dir . -- kedit edit --config cluster_configs/jobs/quickstart.yaml   # token: ~/.ray/auth_token")
     (Path(out) / "quickstart.json").write_text(__import__("json").dumps({"wall_seconds": wall}))
     return 0
