@@ -27,7 +27,11 @@ def run_one(method: str, n: int, bs: int, v_batch: int, model: str, extra: dict)
     from kedit_core.data import read_dataset
 
     reqs = read_dataset(DATA).requests[:n]
-    ed = Editor(model, method, show_progress=False, v_batch_size=v_batch, **extra)
+    from kedit_core.methods import get_method
+
+    if "v_batch_size" in {f.name for f in __import__("dataclasses").fields(get_method(method).config_cls)}:
+        extra = {"v_batch_size": v_batch, **extra}     # the locate-and-edit methods' z-opt batching
+    ed = Editor(model, method, show_progress=False, **extra)
     pre = ed.evaluate(reqs, perplexity_texts=100)
     t0 = time.perf_counter()
     ed.edit(reqs, batch_size=bs)
