@@ -123,15 +123,11 @@ def _cached_embeddings(path: Path, compute, n: int) -> torch.Tensor:
         except Exception:  # noqa: BLE001 - a damaged cache is recomputed
             pass
         log.warning("recomputing a damaged demonstration-embedding cache %s", path)
-    e = compute().contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{random.getrandbits(32):08x}.tmp")
-    save_file({"emb": e}, str(tmp))
-    with open(tmp, "rb") as fh:
-        import os
+    from kedit_core.io import atomic_file
 
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    e = compute().contiguous()
+    with atomic_file(path) as tmp:
+        save_file({"emb": e}, str(tmp))
     return e
 
 
