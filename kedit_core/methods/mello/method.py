@@ -41,6 +41,8 @@ class MeLLoConfig(MethodConfig):
     rounds: int = hp(4, "decomposition rounds at most (reference: 4)")
     max_new_tokens: int = hp(256, "tokens per round at most (reference: 256)")
     chat: str = hp("auto", "use the tokenizer's chat template: auto (when it has one), yes or no")
+    batch_size: int = hp(16, "questions decomposed in lockstep per batched generation (1: the reference's "
+                             "one-at-a-time loop; same transcripts up to batched-arithmetic rounding)")
 
 
 class MeLLoView(PromptRewriting):
@@ -67,29 +69,41 @@ class MeLLoView(PromptRewriting):
         return head, ""
 
     def answer(self, questions: list[str]) -> list[str | None]:
+        """The reference loop for every question, run in lockstep over `batch_size` questions
+        at a time (each round one batched greedy generation of the questions still open);
+        a question's transcript and answer are those of the one-at-a-time loop."""
         from kedit_core.generation import greedy_until
 
-        answers = []
-        for q in questions:
-            head, _ = self._frame(q)
-            so_far, final = "", None
+        answers: list[str | None] = []
+        for lo in range(0, len(questions), self.cfg.batch_size):
+            qs = questions[lo:lo + self.cfg.batch_size]
+            heads = [self._frame(q)[0] for q in qs]
+            so_far = [""] * len(qs)
+            final: list[str | None] = [None] * len(qs)
+            open_ = list(range(len(qs)))
             for _ in range(self.cfg.rounds):
-                gen = greedy_until(self.lm, [head + so_far], [STOP, "\n\nQuestion:", "\n\nQustion:"],
-                                   self.cfg.max_new_tokens)[0]
-                lines = gen.strip().split("\n")
-                if lines and lines[-1].startswith("Final answer: "):
-                    final = lines[-1][len("Final answer: "):].strip()
-                    so_far += gen
+                if not open_:
                     break
-                if len(lines) < 2 or not lines[-2].startswith("Subquestion: "):
-                    so_far += gen
-                    break                                   # the reference's "failed case"
-                sub = lines[-2][len("Subquestion: "):]
-                idx, _ = self.memory.search([sub], k=1)
-                fact = self.memory.entries[int(idx[0, 0])].text if idx.numel() else ""
-                so_far += gen + "Retrieved fact: " + fact + "."
-            self.traces.append(f"Qustion: {q}" + so_far)
-            answers.append(final)
+                gens = greedy_until(self.lm, [heads[i] + so_far[i] for i in open_],
+                                    [STOP, "\n\nQuestion:", "\n\nQustion:"], self.cfg.max_new_tokens)
+                subs, still = [], []
+                for i, gen in zip(open_, gens):
+                    lines = gen.strip().split("\n")
+                    if lines and lines[-1].startswith("Final answer: "):
+                        final[i] = lines[-1][len("Final answer: "):].strip()
+                        so_far[i] += gen
+                    elif len(lines) < 2 or not lines[-2].startswith("Subquestion: "):
+                        so_far[i] += gen                        # the reference's "failed case"
+                    else:
+                        subs.append(lines[-2][len("Subquestion: "):])
+                        still.append((i, gen))
+                if still:
+                    idx, _ = self.memory.search(subs, k=1)
+                    for (i, gen), j in zip(still, idx[:, 0].tolist()):
+                        so_far[i] += gen + "Retrieved fact: " + self.memory.entries[int(j)].text + "."
+                open_ = [i for i, _ in still]
+            self.traces.extend(f"Qustion: {q}" + t for q, t in zip(qs, so_far))
+            answers.extend(final)
         return answers
 
 
