@@ -41,10 +41,7 @@ class ModelView:
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 10) -> list[str]:
         from kedit_core.generation import greedy
 
-        out: list[str] = []
-        for i in range(0, len(prompts), 64):
-            out += greedy(self.lm, list(prompts[i:i + 64]), max_new_tokens)
-        return out
+        return greedy(self.lm, list(prompts), max_new_tokens)
 
 
 class PromptRewriting:

@@ -22,9 +22,40 @@ def encode_batch(lm: LoadedModel, prompts: Sequence[str], *, padding_side: str =
     return {k: v.to(lm.device) for k, v in enc.items()}
 
 
+def _shared_prefix_split(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, stops: Sequence[str] = ()
+                         ) -> tuple[dict[int, str], list[int]]:
+    """Prompts that share a long token prefix (memory methods' contexts), continued through
+    kedit_core.prefix; returns ({index: text}, the indices left to `generate`)."""
+    from kedit_core import prefix as shared
+
+    if len(prompts) < 2:
+        return {}, list(range(len(prompts)))
+    ids = [lm.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    groups, single = shared.plan(ids, [len(x) - 1 for x in ids])
+    done: dict[int, str] = {}
+    for p, members in groups:
+        outs = shared.greedy_shared(lm, [ids[k] for k in members], p, max_new_tokens, stops)
+        for k, o in zip(members, outs):
+            done[k] = lm.tokenizer.decode(o, skip_special_tokens=True)
+    return done, sorted(single)
+
+
 @torch.no_grad()
 def greedy(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 10) -> list[str]:
-    """Greedy continuations (without the prompt) of each prompt."""
+    """Greedy continuations (without the prompt) of each prompt (prompts sharing a long
+    context run it once: kedit_core.prefix)."""
+    done, rest = _shared_prefix_split(lm, prompts, max_new_tokens)
+    if not rest:
+        return [done[i] for i in range(len(prompts))]
+    texts = _greedy_plain(lm, [prompts[i] for i in rest], max_new_tokens)
+    done.update(zip(rest, texts))
+    return [done[i] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def _greedy_plain(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 10) -> list[str]:
+    if len(prompts) > 64:
+        return [t for i in range(0, len(prompts), 64) for t in _greedy_plain(lm, prompts[i:i + 64], max_new_tokens)]
     enc = encode_batch(lm, prompts)
     tok = lm.tokenizer
     out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
@@ -70,12 +101,16 @@ def first_token_ranks(lm: LoadedModel, prompts: Sequence[str], answers: Sequence
 def greedy_until(lm: LoadedModel, prompts: Sequence[str], stops: Sequence[str], max_new_tokens: int = 128
                  ) -> list[str]:
     """Greedy continuations that end at the first of `stops` (the stop string excluded), as an
-    API's `stop=` does; generation halts early once every row has met a stop string."""
-    enc = encode_batch(lm, prompts)
-    tok = lm.tokenizer
-    out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, stop_strings=list(stops),
-                            tokenizer=tok, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    API's `stop=` does; generation halts early once every row has met a stop string. Prompts
+    sharing a long context (MeLLo's few-shot prompt) run it once (kedit_core.prefix)."""
+    done, rest = _shared_prefix_split(lm, prompts, max_new_tokens, stops)
+    if rest:
+        enc = encode_batch(lm, [prompts[i] for i in rest])
+        tok = lm.tokenizer
+        out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, stop_strings=list(stops),
+                                tokenizer=tok, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        done.update(zip(rest, tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)))
+    texts = [done[i] for i in range(len(prompts))]
     cut = []
     for t in texts:
         ends = [t.find(s) for s in stops if s in t]

@@ -26,7 +26,10 @@ def score(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], *,
           batch_tokens: int = 8192) -> Scores:
     """Each distinct (prompt, answer) pair is scored once (neighbourhood prompts repeat across
     the requests of a relation); the vocabulary projection runs only at the answer positions
-    (`logits_to_keep`, where the model supports it)."""
+    (`logits_to_keep`, where the model supports it); pairs whose prompts begin with the same
+    long context (memory methods) run that context once (kedit_core.prefix)."""
+    from kedit_core import prefix as shared
+
     tok = lm.tokenizer
     uniq: dict[tuple[str, str], int] = {}
     where = [uniq.setdefault((p, a), len(uniq)) for p, a in zip(prompts, answers)]
@@ -43,12 +46,26 @@ def score(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], *,
     n = len(seqs)
     res = Scores([0.0] * n, [0.0] * n, [0.0] * n, [[] for _ in range(n)])
     pad = pad_id(tok)
-    for idx in batches_by_tokens(seqs, batch_tokens):
-        ids, mask = pad_right([seqs[k] for k in idx], pad, lm.device)
-        keep = sorted({spans[k] + j for k in idx for j in range(len(tgts[k]))})
-        logits, col = _logits_at(lm, ids, mask, keep)
+    groups, single = shared.plan(seqs, spans)
+
+    def batches():
+        for idx in batches_by_tokens([seqs[k] for k in single], batch_tokens):
+            idx = [single[k] for k in idx]
+            ids, mask = pad_right([seqs[k] for k in idx], pad, lm.device)
+            keep = sorted({spans[k] + j for k in idx for j in range(len(tgts[k]))})
+            logits, col = _logits_at(lm, ids, mask, keep)
+            yield idx, logits, col, 0
+        for p, members in groups:
+            cache = shared.prefill(lm, seqs[members[0]][:p])
+            for part in shared.batches([len(seqs[k]) - p for k in members], p):
+                idx = [members[k] for k in part]
+                keep = sorted({spans[k] + j - p for k in idx for j in range(len(tgts[k]))})
+                logits, col = shared.forward_suffixes(lm, cache, p, [seqs[k][p:] for k in idx], pad, keep)
+                yield idx, logits, col, p
+
+    for idx, logits, col, p in batches():
         for r, k in enumerate(idx):
-            s, t = spans[k], tgts[k]
+            s, t = spans[k] - p, tgts[k]
             lg = logits[r, [col[s + j] for j in range(len(t))]].float()
             lp = torch.log_softmax(lg, -1)
             tt = torch.tensor(t, device=lp.device)
