@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--stats-corpus", default=None)
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None)
+    p.add_argument("--editor", default=None, metavar="DIR",
+                   help="trained editor for MEND (from `kedit train`): the same as --set editor=DIR")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="method hyper-parameter")
     p.add_argument("--perplexity-texts", type=int, default=None)
     p.add_argument("--perplexity-corpus", default=None,
@@ -139,6 +141,8 @@ def summary(console, result: dict, out: Path) -> None:
 
 
 def run(args) -> int:
+    if getattr(args, "editor", None):
+        args.set = [*args.set, f"editor={args.editor}"]
     from rich.console import Console
 
     from pipelines.edit_job import EditStream

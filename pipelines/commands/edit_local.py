@@ -23,6 +23,8 @@ def add_parser(sub) -> None:
                    help="text corpus for second moments (default: WikiText-2 test from ../shared, "
                         "else the standard library's docstrings)")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records instead of failing")
+    p.add_argument("--editor", default=None, metavar="DIR",
+                   help="trained editor for MEND (from `kedit train`): the same as --set editor=DIR")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override a method hyper-parameter, e.g. --set layers=4,5,6 --set v_lr=0.1")
     p.add_argument("--perplexity-texts", type=int, default=100,
@@ -50,6 +52,8 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def run(args) -> int:
+    if getattr(args, "editor", None):
+        args.set = [*args.set, f"editor={args.editor}"]
     from rich.console import Console
 
     from kedit_core import Editor
