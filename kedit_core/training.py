@@ -36,6 +36,7 @@ class Example:
     outer: tuple[str, str]         # (paraphrase, new target)
     loc: tuple[str, str]           # (locality prompt, its answer)
     case_id: str = ""
+    true: str | None = None        # the fact's old answer, where known
 
 
 def examples_from(requests: Sequence[EditRequest], source: str = "") -> list[Example]:
@@ -51,7 +52,7 @@ def examples_from(requests: Sequence[EditRequest], source: str = "") -> list[Exa
                                 file=source or None, record=i, field="neighborhood")
         n = r.neighborhood[0]
         out.append(Example((r.text, r.target_new), (r.paraphrase_prompts[0], r.target_new), (n.prompt, n.answer),
-                           r.case_id))
+                           r.case_id, r.target_true))
     return out
 
 
@@ -160,3 +161,91 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
 def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state = {int(pid): {k: tensors[f"opt.{pid}.{k}"] for k in keys} for pid, keys in meta["state"].items()}
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class EditorTrainer:
+    """What the weight-updating trained editors (MEND, KnowledgeEditor) share: the frozen base
+    model, the edited forward pass W + delta through `torch.func.functional_call`
+    (differentiable in the editor's parameters), the locality KL, metric reduction over
+    workers, gradient all-reduce + clip + step, and the state / artifact tensors. A subclass
+    sets `self.net`, `self.opt`, `self.sites` and implements `train_step` / `validate`."""
+
+    method = ""
+
+    def __init__(self, lm, cfg, sites: Sequence[str]):
+        if lm.zero3:
+            raise BadInputError("trained editors train on a full (not ZeRO-3 partitioned) model", field="zero3")
+        self.lm, self.cfg, self.sites = lm, cfg, list(sites)
+        for p in lm.model.parameters():
+            p.requires_grad_(False)
+        lm.model.eval()
+        self.names = {s: lm.arch.site_path(s) + ".weight" for s in self.sites}
+
+    def config(self) -> dict:
+        return {**self.cfg.to_dict(), "sites": self.sites}
+
+    def post_logits(self, deltas: dict, ids, mask) -> torch.Tensor:
+        from torch.func import functional_call
+
+        arch, model = self.lm.arch, self.lm.model
+        params = {self.names[s]: arch.weight(model, s) + arch.from_out_in(d).to(arch.weight(model, s).dtype)
+                  for s, d in deltas.items()}
+        return functional_call(model, params, args=(), kwargs=dict(input_ids=ids, attention_mask=mask,
+                                                                     use_cache=False)).logits
+
+    def outer_loss(self, deltas: dict, pair: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from kedit_core.methods.mend.method import encode, token_nll
+
+        ids, mask, lab = encode(self.lm, [pair])
+        return token_nll(self.post_logits(deltas, ids, mask), lab)
+
+    def locality(self, deltas: dict, pair: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """KL(base || edited) over every token of the locality sequence (the reference's
+        `kl_loc_loss` with the attention mask) and the share of unchanged argmax tokens."""
+        from kedit_core.methods.mend.method import encode
+
+        ids, mask, _ = encode(self.lm, [pair])
+        with torch.no_grad():
+            base = self.lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        post = self.post_logits(deltas, ids, mask).float()
+        kl_tok = (base.softmax(-1) * (base.log_softmax(-1) - post.log_softmax(-1))).sum(-1)
+        m = mask.float()
+        agree = ((base.argmax(-1) == post.argmax(-1)).float() * m).sum() / m.sum()
+        return (kl_tok * m).sum() / m.sum(), agree
+
+    @staticmethod
+    def reduce(rows: list[dict], total: int) -> dict:
+        keys = sorted({k for r in rows for k in r})
+        t = torch.tensor([sum(r.get(k, 0.0) for r in rows) for k in keys], dtype=torch.float64)
+        all_reduce_(t)
+        return {k: float(v) / max(1, total) for k, v in zip(keys, t)}
+
+    def step(self, params: list, clip: float) -> float:
+        """All-reduce (sum) the gradients over workers, clip, step."""
+        if world()[1] > 1:
+            for p in params:
+                if p.grad is not None:
+                    all_reduce_(p.grad)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip, error_if_nonfinite=True)
+        self.opt.step()
+        return float(gnorm)
+
+    # ------------------------------------------------------------------ state
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, meta: dict) -> None:
+        pass
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        ot, om = optimizer_tensors(self.opt)
+        return ({**{f"net.{k}": v.detach().cpu().clone() for k, v in self.net.state_dict().items()}, **ot},
+                {"opt": om, "extra": self.extra_state()})
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        load_optimizer_tensors(self.opt, {k: v for k, v in tensors.items() if k.startswith("opt.")}, meta["opt"])
+        self.load_extra_state(meta.get("extra", {}))
+
+    def artifact_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}

@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 
 
 def _trainers() -> dict:
+    from kedit_core.methods.ke.train import KETrainer
     from kedit_core.methods.mend.train import MENDTrainer
 
-    return {"mend": MENDTrainer}
+    return {"mend": MENDTrainer, "ke": KETrainer}
 
 
 @dataclass(kw_only=True)

@@ -52,20 +52,24 @@ def test_kedit_methods_lists_them(capsys):
     assert {r["name"]: r["family"] for r in rows}["ft-m"] == "gradient"
 
 
-WEIGHT_METHODS = ["rome", "memit", "alphaedit", "ft-l", "ft-m", "mend"]
+WEIGHT_METHODS = ["rome", "memit", "alphaedit", "ft-l", "ft-m", "mend", "ke"]
 
 
-def _mend_editor(lm, reqs, out) -> str:
-    """A MEND artifact for this base model after one training step (its statistics need
-    samples)."""
+def _trained_editor(method, lm, reqs, out) -> str:
+    """A MEND / KnowledgeEditor artifact for this base model after one training step (MEND's
+    statistics need samples)."""
+    from kedit_core.methods.ke import KEConfig
+    from kedit_core.methods.ke.train import KETrainer
     from kedit_core.methods.mend import MENDConfig
     from kedit_core.methods.mend.train import MENDTrainer
     from kedit_core.trained import save_artifact
     from kedit_core.training import examples_from
 
-    tr = MENDTrainer(lm, MENDConfig(rank=4, layers=(min(1, lm.n_layers - 1),)), seed=0)
+    layers = (min(1, lm.n_layers - 1),)
+    tr = (MENDTrainer(lm, MENDConfig(rank=4, layers=layers), seed=0) if method == "mend" else
+          KETrainer(lm, KEConfig(layers=layers, lstm_hidden=8, condition_dim=16, hidden=8), seed=0))
     tr.train_step(examples_from(reqs), len(reqs))
-    save_artifact(out, "mend", tr.artifact_tensors(), base_model="tiny", base_fingerprint=lm.fingerprint(),
+    save_artifact(out, method, tr.artifact_tensors(), base_model="tiny", base_fingerprint=lm.fingerprint(),
                   config=tr.config())
     return str(out)
 
@@ -79,8 +83,8 @@ def test_interface_on_every_tiny_architecture(arch, method, reqs, corpus, tmp_pa
     over = {"layers": (min(1, n - 1),)} if method in ("rome", "ft-l", "ft-m") else {"layers": (0, 1)}
     if method in ("rome", "memit", "alphaedit"):
         over |= {"v_num_grad_steps": 2, "mom2_n_samples": 40}
-    elif method == "mend":
-        over = {"editor": _mend_editor(lm, reqs, tmp_path / "editor")}
+    elif method in ("mend", "ke"):
+        over = {"editor": _trained_editor(method, lm, reqs, tmp_path / "editor")}
     else:
         over |= {"num_steps": 2}
     ed = Editor(lm, method, corpus, show_progress=False, stats_dir=str(tmp_path / "stats"), **over)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train an editor (MEND) for a base model on Ray Train")
+    p = sub.add_parser("train", help="train an editor (MEND, KnowledgeEditor) for a base model on Ray Train")
     p.add_argument("--config", default=None, help="YAML job config with the same keys as the flags")
     p.add_argument("--resume", default=None, metavar="OUT", help="continue the training in OUT (its train.json)")
-    p.add_argument("--method", default=None, help="mend")
+    p.add_argument("--method", default=None, help="mend or ke")
     p.add_argument("--model", default=None)
     p.add_argument("--data", default=None, help="training edits (CounterFact / zsRE / KnowEdit file)")
     p.add_argument("--limit", type=int, default=None, help="first N records only")

@@ -72,17 +72,22 @@ def encode(lm, pairs: Sequence[tuple[str, str]]):
     return ids, mask, lab
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean NLL over the labelled tokens, their token accuracy) with the usual shift."""
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean NLL over the labelled tokens, their token accuracy) with the usual shift;
+    `smoothing` > 0: label-smoothed NLL, (1 - e) NLL + e mean_v(-log p_v) (KnowledgeEditor)."""
     lg, lb = logits[:, :-1].float(), labels[:, 1:]
     m = lb != -100
-    lp = torch.log_softmax(lg, -1).gather(-1, lb.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logp = torch.log_softmax(lg, -1)
+    lp = logp.gather(-1, lb.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    if smoothing:
+        lp = (1 - smoothing) * lp + smoothing * logp.mean(-1)
     nll = -(lp * m).sum() / m.sum().clamp(min=1)
     acc = ((lg.argmax(-1) == lb) & m).sum() / m.sum().clamp(min=1)
     return nll, acc
 
 
-def capture_factors(lm, sites: Sequence[str], ids, mask, labels) -> tuple[torch.Tensor, dict]:
+def capture_factors(lm, sites: Sequence[str], ids, mask, labels, smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The edit loss and, per site, (u, delta): the layer inputs and the gradients of the loss
     at the layer outputs, one row per token, such that grad W = sum_t delta_t u_t^T."""
     mods = {s: lm.arch.module(lm.model, s) for s in sites}
@@ -101,7 +106,7 @@ def capture_factors(lm, sites: Sequence[str], ids, mask, labels) -> tuple[torch.
             w.requires_grad_(True)      # so that the sites' outputs carry a graph
         with torch.enable_grad():
             logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            loss, _ = token_nll(logits, labels)
+            loss, _ = token_nll(logits, labels, smoothing)
             grads = torch.autograd.grad(loss, [outs[s] for s in sites])
     finally:
         for h in handles:
