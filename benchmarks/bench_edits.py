@@ -71,7 +71,7 @@ def main() -> None:
                                   f"{method}/{z}"))
     tag = args.methods.replace(",", "-") + ("" if args.set == "{}" else "_" + "_".join(
         f"{k}{v}" for k, v in sorted(json.loads(args.set).items())))
-    write(f"edits_{args.model}_{tag}_{args.n}x{args.batch_size}{args.tag}", rows,
+    write(f"edits_{args.model}_{tag}_{args.n}x{args.batch_size}{('_' + args.tag) if args.tag else ''}", rows,
           ["method", "zopt", "s_per_edit", "peak_rss_mb", "efficacy_score", "paraphrase_score",
            "neighborhood_score", "score", "perplexity", "efficacy_magnitude", "rewrite_acc", "rewrite_correct",
            "rewrite_gen", "paraphrase_gen", "pre_efficacy_score", "pre_paraphrase_score",
