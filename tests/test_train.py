@@ -115,3 +115,13 @@ def test_bad_training_input_is_refused(single, tmp_path, capsys):
     assert cli(argv(single, "--set", "rank=4")) == 2
     assert "another training run" in capsys.readouterr().err
     assert (single / "train.json").read_bytes() == before and (single / "editor" / "editor.json").is_file()
+
+
+def test_shipped_training_jobs_validate():
+    from pipelines.train_job import build_train_config
+
+    jobs = sorted((ROOT / "cluster_configs" / "jobs" / "train").glob("*.yaml"))
+    assert {j.stem for j in jobs} >= {"mend_smollm2", "mend_llama3_8b"}
+    for j in jobs:
+        cfg = build_train_config(str(j))
+        assert cfg.method in ("mend", "ke") and cfg.out and cfg.batch_size % max(1, cfg.workers) == 0
