@@ -78,3 +78,35 @@ def load_artifact(path: str | Path, *, method: str | None = None, fingerprint: s
                             f"{str(meta.get('base_fingerprint'))[:12]}) than the model being edited "
                             f"({fingerprint[:12]})", file=str(mfile), field="base_fingerprint")
     return load_file(str(tfile)), meta
+
+
+def mlp_sites(lm, layers: tuple[int, ...]) -> list[str]:
+    """The MLP in / out projections of `layers` (default: the last three blocks), the sites
+    MEND and KnowledgeEditor's GPT port edit."""
+    layers = layers or tuple(range(max(0, lm.n_layers - 3), lm.n_layers))
+    return [f"blocks.{l}.{p}" for l in layers for p in ("mlp.in", "mlp.out")]
+
+
+class TrainedEditorMethod:
+    """What the methods that apply a trained editor share: loading its artifact for this base
+    model (one-line refusals), and the sequential state that checkpoints record - the
+    editor's digest, so a stream never resumes with another editor."""
+
+    name = ""
+
+    def load_editor(self, lm, cfg) -> tuple[dict[str, torch.Tensor], dict]:
+        if not cfg.editor:
+            raise BadInputError(f"{self.name} needs a trained editor: --editor DIR (train one with `kedit train "
+                                f"--method {self.name}`)", field="editor")
+        if lm.zero3:
+            raise BadInputError(f"{self.name} does not run on a ZeRO-3 partitioned model", field="zero3")
+        return load_artifact(cfg.editor, method=self.name, fingerprint=lm.fingerprint())
+
+    def state_dict(self, state) -> tuple[dict, dict]:
+        return {}, {"editor_digest": state["editor_digest"]}
+
+    def load_state_dict(self, state, tensors: dict, meta: dict):
+        if meta.get("editor_digest") not in (None, state["editor_digest"]):
+            raise BadInputError(f"the checkpoint was written with editor {meta['editor_digest'][:12]}, "
+                                f"not {state['editor_digest'][:12]}", field="editor")
+        return state

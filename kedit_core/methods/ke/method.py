@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from kedit_core.errors import BadInputError
 from kedit_core.methods.base import MethodConfig, MethodInfo, Stateless, hp, register
+from kedit_core.trained import TrainedEditorMethod, mlp_sites
 from kedit_core.types import EditResult, WeightDelta
 
 
@@ -99,8 +99,7 @@ class KENet(nn.Module):
 
 
 def sites_for(lm, cfg) -> list[str]:
-    layers = cfg.layers or tuple(range(max(0, lm.n_layers - 3), lm.n_layers))
-    return [f"blocks.{l}.{p}" for l in layers for p in ("mlp.in", "mlp.out")]
+    return mlp_sites(lm, cfg.layers)
 
 
 def build_net(lm, cfg: KEConfig, sites: list[str]) -> KENet:
@@ -126,21 +125,14 @@ def edit_deltas(lm, net: KENet, sites, request, cfg) -> dict[str, torch.Tensor]:
 
 
 @register
-class KnowledgeEditor(Stateless):
+class KnowledgeEditor(TrainedEditorMethod, Stateless):
     name: ClassVar[str] = "ke"
     config_cls: ClassVar = KEConfig
     info: ClassVar = MethodInfo("hyper-network", "De Cao et al. 2021, arXiv 2104.08164", ("editor",),
                                 summary="a trained conditioning network maps an edit and its gradient to an update")
 
     def prepare(self, lm, cfg: KEConfig, stats) -> dict:
-        from kedit_core.trained import load_artifact
-
-        if not cfg.editor:
-            raise BadInputError("KnowledgeEditor needs a trained editor: --editor DIR (train one with `kedit train "
-                                "--method ke`)", field="editor")
-        if lm.zero3:
-            raise BadInputError("KnowledgeEditor does not run on a ZeRO-3 partitioned model", field="zero3")
-        tensors, meta = load_artifact(cfg.editor, method=self.name, fingerprint=lm.fingerprint())
+        tensors, meta = self.load_editor(lm, cfg)
         tc = dict(meta["config"])
         sites = list(tc.pop("sites"))
         tcfg = KEConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in tc.items()})
@@ -157,12 +149,3 @@ class KnowledgeEditor(Stateless):
                 for s, d in edit_deltas(lm, state["net"], state["sites"], r, state["cfg"]).items():
                     total[s] = total[s] + d if s in total else d
         return EditResult(deltas=tuple(WeightDelta(s, dense=d.float().contiguous()) for s, d in total.items())), state
-
-    def state_dict(self, state) -> tuple[dict, dict]:
-        return {}, {"editor_digest": state["editor_digest"]}
-
-    def load_state_dict(self, state, tensors: dict, meta: dict):
-        if meta.get("editor_digest") not in (None, state["editor_digest"]):
-            raise BadInputError(f"the checkpoint was written with editor {meta['editor_digest'][:12]}, "
-                                f"not {state['editor_digest'][:12]}", field="editor")
-        return state

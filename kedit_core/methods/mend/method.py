@@ -26,8 +26,8 @@ from typing import ClassVar
 import torch
 
 from kedit_core.batching import pad_id, pad_right
-from kedit_core.errors import BadInputError
 from kedit_core.methods.base import MethodConfig, MethodInfo, Stateless, hp, register
+from kedit_core.trained import TrainedEditorMethod, mlp_sites
 from kedit_core.types import EditRequest, EditResult, WeightDelta
 from kedit_core.zopt import target_ids
 
@@ -48,8 +48,7 @@ class MENDConfig(MethodConfig):
 
 
 def sites_for(lm, cfg: MENDConfig) -> list[str]:
-    layers = cfg.layers or tuple(range(max(0, lm.n_layers - 3), lm.n_layers))
-    return [f"blocks.{l}.{p}" for l in layers for p in ("mlp.in", "mlp.out")]
+    return mlp_sites(lm, cfg.layers)
 
 
 def param_name(lm, site: str) -> str:
@@ -125,7 +124,7 @@ def edit_deltas(lm, net, sites: Sequence[str], requests: Sequence[EditRequest], 
 
 
 @register
-class MEND(Stateless):
+class MEND(TrainedEditorMethod, Stateless):
     name: ClassVar[str] = "mend"
     config_cls: ClassVar = MENDConfig
     info: ClassVar = MethodInfo("hyper-network", "Mitchell et al. 2022, arXiv 2110.11309", ("editor",),
@@ -133,14 +132,7 @@ class MEND(Stateless):
 
     def prepare(self, lm, cfg: MENDConfig, stats) -> dict:
         from kedit_core.methods.mend.net import MENDNet
-        from kedit_core.trained import load_artifact
-
-        if not cfg.editor:
-            raise BadInputError("MEND needs a trained editor: --editor DIR (train one with `kedit train --method "
-                                "mend`)", field="editor")
-        if lm.zero3:
-            raise BadInputError("MEND does not run on a ZeRO-3 partitioned model", field="zero3")
-        tensors, meta = load_artifact(cfg.editor, method=self.name, fingerprint=lm.fingerprint())
+        tensors, meta = self.load_editor(lm, cfg)
         tc = meta["config"]
         sites = list(meta["sites"] if "sites" in meta else tc["sites"])
         net = MENDNet({s: lm.arch.dims(lm.model, s) for s in sites}, rank=int(tc["rank"]),
@@ -153,12 +145,3 @@ class MEND(Stateless):
         deltas, loss = edit_deltas(lm, state["net"], state["sites"], requests)
         out = tuple(WeightDelta(s, dense=d.detach().float().contiguous()) for s, d in deltas.items())
         return EditResult(deltas=out, info={"mend_pre_loss": loss}), state
-
-    def state_dict(self, state) -> tuple[dict, dict]:
-        return {}, {"editor_digest": state["editor_digest"]}
-
-    def load_state_dict(self, state, tensors: dict, meta: dict):
-        if meta.get("editor_digest") not in (None, state["editor_digest"]):
-            raise BadInputError(f"the checkpoint was written with editor {meta['editor_digest'][:12]}, "
-                                f"not {state['editor_digest'][:12]}", field="editor")
-        return state
