@@ -63,17 +63,26 @@ def main() -> None:
     ap.add_argument("--set", default="{}", help="JSON hyper-parameter overrides (all methods)")
     ap.add_argument("--traces", type=int, default=5, help="MeLLo transcripts kept (first question of a case)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--fresh", action="store_true", help="drop the rows of an earlier run instead of merging")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         row = run_one(a.one, a.cases, a.batch_size, a.model, json.loads(a.set), a.traces)
         print("RESULT " + json.dumps(row), flush=True)
         return
-    rows = []
-    for m in a.methods.split(","):
-        rows.append(run_child(__file__, ["--one", m, "--cases", str(a.cases), "--batch-size", str(a.batch_size),
-                                         "--model", a.model, "--set", a.set, "--traces", str(a.traces)], m))
-        name = f"mquake_hard_{a.model}_{a.cases}{('_' + a.tag) if a.tag else ''}"
+    name = f"mquake_hard_{a.model}_{a.cases}{('_' + a.tag) if a.tag else ''}"
+    methods = a.methods.split(",")
+    order = ["unedited", "memit", "alphaedit", "ike", "mello"]
+    rows, old_traces = [], []
+    if (RESULTS / f"{name}.json").exists() and not a.fresh:   # keep the rows of methods not rerun now
+        old = json.loads((RESULTS / f"{name}.json").read_text())
+        rows = [r for r in old["rows"] if r["method"] not in methods]
+        old_traces = [] if "mello" in methods else old.get("mello_traces", [])
+    for m in methods:
+        row = run_child(__file__, ["--one", m, "--cases", str(a.cases), "--batch-size", str(a.batch_size),
+                                   "--model", a.model, "--set", a.set, "--traces", str(a.traces)], m)
+        rows.append(row)
+        rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
         notes = (f"{a.model}, first {a.cases} cases of MQuAKE-hard.json (4 rewrites each), edited as sequential "
                  f"batches of {a.batch_size}; then every case's 3 multi-hop questions ('Q: {{q}} A:', greedy, "
                  "16 tokens; MeLLo answers by its own loop). multihop_acc: any answer matches new_answer or an "
@@ -82,7 +91,7 @@ def main() -> None:
                  "of a case).")
         path = write(name, [{k: v for k, v in r.items() if k != "traces"} for r in rows],
                      ["method", "cases", "edits", "batch_size", *KEYS, "s_per_edit", "eval_s", "peak_rss_mb"], notes)
-        tr = [t for r in rows for t in r.get("traces", [])]
+        tr = old_traces + [t for r in rows for t in r.get("traces", [])]
         if tr:
             with path.open("a") as f:
                 f.write("\n## MeLLo decompositions (first question of the first cases)\n")

@@ -68,3 +68,26 @@ def load_encoder(spec: str = DEFAULT_ENCODER, device: str = "cpu") -> Encoder:
         _LOADED[key] = Encoder(spec, device)
         log.info("sentence encoder %s loaded on %s", spec, device)
     return _LOADED[key]
+
+
+def trainable_encoder(spec: str = DEFAULT_ENCODER, device: str = "cpu"):
+    """A fresh, private copy of the sentence encoder (a SentenceTransformer module) for
+    fine-tuning (SERAC's scope classifier); the memoised retrieval encoder is never touched."""
+    from sentence_transformers import SentenceTransformer
+
+    path = encoder_path(spec)
+    try:
+        return SentenceTransformer(path, device=device, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ModelNotAvailableError(f"cannot load the sentence encoder ({type(e).__name__}: "
+                                     f"{' '.join(str(e).split())[:160]})", file=path, field="encoder") from e
+
+
+def embed_trainable(st, texts, device=None) -> torch.Tensor:
+    """Differentiable normalised embeddings (n, d) of `texts` through a SentenceTransformer
+    (its tokenizer, transformer, pooling and normalisation modules)."""
+    prep = getattr(st, "preprocess", None) or st.tokenize      # sentence-transformers >= 6 / older
+    feats = prep(list(texts))
+    dev = device or next(st.parameters()).device
+    out = st({k: v.to(dev) if torch.is_tensor(v) else v for k, v in feats.items()})["sentence_embedding"]
+    return torch.nn.functional.normalize(out.float(), dim=-1)

@@ -97,6 +97,7 @@ class LoopConfig:
     patience: int = 20000          # steps without a better validation loss (reference 20k)
     checkpoint_every: int = 50
     seed: int = 0
+    max_seconds: float = 0.0       # > 0: stop (checkpoint, then the artifact) after this much training time
 
 
 @dataclass
@@ -119,6 +120,9 @@ def train_loop(editor, train: Sequence[Example], val: Sequence[Example], cfg: Lo
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", disable=not progress or rank != 0)
+    import time
+
+    t0 = time.monotonic()
     while state.step < cfg.steps:
         idx = batch_indices(cfg.seed, state.step, len(train), cfg.batch_size)
         mine = [train[i] for i in idx[rank::w]]
@@ -135,10 +139,19 @@ def train_loop(editor, train: Sequence[Example], val: Sequence[Example], cfg: Lo
         bar.update(1)
         bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
         stop = state.step - state.best_step >= cfg.patience and state.best_step > 0
+        if cfg.max_seconds > 0:      # every worker stops at the same step (the slowest decides)
+            late = all_reduce_(torch.tensor([float(time.monotonic() - t0 > cfg.max_seconds)]))
+            if float(late) > 0 and not stop:
+                log.info("time budget of %.0f s reached at step %d", cfg.max_seconds, state.step)
+                stop = True
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or stop:
             on_checkpoint(state)
         if stop:
-            log.info("early stop at step %d (best validation loss %.4f at step %d)", state.step, state.best_val,
+            if not state.history or state.history[-1]["step"] != state.step:     # validate where it stops
+                vm = editor.validate(list(val[:cfg.val_size]))
+                state.history.append({"step": state.step, **vm})
+                on_metrics(state.step, {f"val/{k}": v for k, v in vm.items()})
+            log.info("stop at step %d (best validation loss %.4f at step %d)", state.step, state.best_val,
                      state.best_step)
             break
     bar.close()

@@ -19,6 +19,7 @@ restored exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -35,8 +36,9 @@ log = logging.getLogger(__name__)
 def _trainers() -> dict:
     from kedit_core.methods.ke.train import KETrainer
     from kedit_core.methods.mend.train import MENDTrainer
+    from kedit_core.methods.serac.train import SERACTrainer
 
-    return {"mend": MENDTrainer, "ke": KETrainer}
+    return {"mend": MENDTrainer, "ke": KETrainer, "serac": SERACTrainer}
 
 
 @dataclass(kw_only=True)
@@ -52,6 +54,7 @@ class TrainConfig:
     val_every: int = 100
     val_size: int = 50
     patience: int = 20000
+    max_minutes: float = 0.0
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     seed: int = 0
@@ -118,7 +121,7 @@ def build_train_config(file: str | None = None, **flags) -> TrainConfig:
     for k in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "val_size"):
         if getattr(cfg, k) < 1:
             raise BadInputError(f"must be at least 1, got {getattr(cfg, k)}", file=where, field=k)
-    for k in ("workers", "val_every", "patience"):
+    for k in ("workers", "val_every", "patience", "max_minutes"):
         if getattr(cfg, k) < 0:
             raise BadInputError(f"must be 0 or more, got {getattr(cfg, k)}", file=where, field=k)
     if not 0 < cfg.val_fraction < 1:
@@ -222,7 +225,8 @@ def train_worker(conf: dict) -> dict:
             torch.distributed.barrier()
 
     loop = LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, val_every=cfg.val_every, val_size=cfg.val_size,
-                      patience=cfg.patience, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed)
+                      patience=cfg.patience, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
+                      max_seconds=60.0 * cfg.max_minutes)
     try:
         state = train_loop(trainer, train, val, loop, state, on_metrics=on_metrics, on_checkpoint=on_checkpoint,
                            progress=conf.get("progress", False))
@@ -268,9 +272,10 @@ def run_training(cfg: TrainConfig, show_progress: bool = True) -> dict:
 
     from pipelines.edit_job import data_hash as file_hash
 
-    reqs = load_requests(None if cfg.data == "builtin" else cfg.data, limit=cfg.limit,
-                         zsre_convention=cfg.zsre_convention)
-    examples = examples_from(reqs, cfg.data)
+    examples = []
+    for f in cfg.data.split(","):          # several files: their examples in order
+        reqs = load_requests(None if f == "builtin" else f, limit=cfg.limit, zsre_convention=cfg.zsre_convention)
+        examples += examples_from(reqs, f)
     train, val, split_rec = split(examples, cfg.val_fraction, cfg.seed)
     if len(train) < cfg.batch_size:
         raise BadInputError(f"{len(train)} training examples, fewer than batch_size {cfg.batch_size}",
@@ -285,7 +290,8 @@ def run_training(cfg: TrainConfig, show_progress: bool = True) -> dict:
     try:
         lm = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
         mcfg = make_config(get_method(cfg.method).config_cls, lm, cfg.set)
-        data_hash = file_hash(cfg.data)
+        hashes = [file_hash(f) for f in cfg.data.split(",")]
+        data_hash = hashes[0] if len(hashes) == 1 else hashlib.sha256(",".join(hashes).encode()).hexdigest()
         ident = json.loads(json.dumps({**{k: getattr(cfg, k) for k in TrainConfig.IDENTITY},
                                        "model_fingerprint": lm.fingerprint(), "data_hash": data_hash,
                                        "hparams": mcfg.to_dict(), "split": split_rec}, sort_keys=True, default=list))

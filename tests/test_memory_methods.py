@@ -50,7 +50,9 @@ def reqs():
 
 
 def test_ike_prompt_matches_the_reference_format(lm, reqs, pool, tmp_path):
-    ed = Editor(lm, "ike", None, show_progress=False, demo_pool=pool)
+    # all 32 demonstrations, as the reference writes them (the tiny model's 256 positions
+    # would otherwise drop the farthest: see the next test)
+    ed = Editor(lm, "ike", None, show_progress=False, demo_pool=pool, fit_context=False)
     ed.edit_batch(reqs[:2])
     view = ed.model
     assert isinstance(view, PromptRewriting)
@@ -84,6 +86,19 @@ def test_ike_prompt_matches_the_reference_format(lm, reqs, pool, tmp_path):
     # the metrics run unchanged through the rewritten prompts
     m = ed.evaluate(reqs[:2])
     assert {"efficacy_score", "paraphrase_score", "rewrite_gen"} <= set(m)
+
+
+def test_ike_prompt_fits_the_model_context_dropping_the_farthest_demos(lm, reqs, pool):
+    full = Editor(lm, "ike", None, show_progress=False, demo_pool=pool, fit_context=False)
+    fit = Editor(lm, "ike", None, show_progress=False, demo_pool=pool)
+    for ed in (full, fit):
+        ed.edit_batch(reqs[:1])
+    q = reqs[0].paraphrase_prompts[0]
+    (long,), (short,) = full.model.rewrite([q]), fit.model.rewrite([q])
+    n = lambda p: len(lm.tokenizer(p)["input_ids"])  # noqa: E731
+    assert n(long) > 256 >= n(short) + 32                    # 256 positions, 32 kept for the answer
+    assert long.endswith(short) and short.startswith("New Fact: ")   # the nearest demonstrations stay
+    assert n(short) + 60 > 256 - 32                          # and only as many are dropped as needed
 
 
 def test_ike_memory_state_round_trips(lm, reqs, pool):

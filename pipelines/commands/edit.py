@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None)
     p.add_argument("--editor", default=None, metavar="DIR",
-                   help="trained editor for MEND (from `kedit train`): the same as --set editor=DIR")
+                   help="trained editor for MEND, KnowledgeEditor or SERAC (from `kedit train`): --set editor=DIR")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="method hyper-parameter")
     p.add_argument("--perplexity-texts", type=int, default=None)
     p.add_argument("--perplexity-corpus", default=None,

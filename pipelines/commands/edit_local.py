@@ -14,7 +14,7 @@ from pipelines.commands import add_model_args
 def add_parser(sub) -> None:
     p = sub.add_parser("edit-local", help="edit a model in one process (no Ray) and write metrics")
     add_model_args(p)
-    p.add_argument("--method", default="alphaedit", help="rome, memit or alphaedit (default: %(default)s)")
+    p.add_argument("--method", default="alphaedit", help="any registered method (`kedit methods`; default: %(default)s)")
     p.add_argument("--data", default="builtin", help="edit dataset file, or 'builtin' (default)")
     p.add_argument("--limit", type=int, default=None, help="first N requests only")
     p.add_argument("--batch-size", type=int, default=10)
@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
                         "else the standard library's docstrings)")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records instead of failing")
     p.add_argument("--editor", default=None, metavar="DIR",
-                   help="trained editor for MEND (from `kedit train`): the same as --set editor=DIR")
+                   help="trained editor for MEND, KnowledgeEditor or SERAC (from `kedit train`): --set editor=DIR")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override a method hyper-parameter, e.g. --set layers=4,5,6 --set v_lr=0.1")
     p.add_argument("--perplexity-texts", type=int, default=100,

@@ -8,12 +8,12 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train an editor (MEND, KnowledgeEditor) for a base model on Ray Train")
+    p = sub.add_parser("train", help="train an editor (MEND, KnowledgeEditor, SERAC) for a base model on Ray Train")
     p.add_argument("--config", default=None, help="YAML job config with the same keys as the flags")
     p.add_argument("--resume", default=None, metavar="OUT", help="continue the training in OUT (its train.json)")
-    p.add_argument("--method", default=None, help="mend or ke")
+    p.add_argument("--method", default=None, help="mend, ke or serac")
     p.add_argument("--model", default=None)
-    p.add_argument("--data", default=None, help="training edits (CounterFact / zsRE / KnowEdit file)")
+    p.add_argument("--data", default=None, help="training edits (CounterFact / zsRE / KnowEdit file; several: a,b)")
     p.add_argument("--limit", type=int, default=None, help="first N records only")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=None, help="edits per optimiser step, over all workers")
@@ -22,6 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--val-size", type=int, default=None)
     p.add_argument("--patience", type=int, default=None, help="early stop after N steps without a better val loss")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this much training time (a checkpoint, then the editor); 0: no limit")
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--keep-checkpoints", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -43,7 +45,7 @@ def run(args) -> int:
     from pipelines.train_job import build_train_config, run_training
 
     flags = {k: getattr(args, k) for k in ("method", "model", "data", "limit", "steps", "batch_size", "workers",
-                                           "val_fraction", "val_every", "val_size", "patience", "checkpoint_every",
+                                           "val_fraction", "val_every", "val_size", "patience", "max_minutes", "checkpoint_every",
                                            "keep_checkpoints", "seed", "out", "dtype", "device", "tracking_uri",
                                            "experiment", "ray_address")}
     if args.set:
@@ -54,7 +56,8 @@ def run(args) -> int:
         if not rec.is_file():
             raise BadInputError("not a training directory (no train.json)", file=str(rec))
         saved = json.loads(rec.read_text())["config"]
-        saved.update({k: v for k, v in flags.items() if v is not None and k in ("workers", "ray_address", "device")})
+        saved.update({k: v for k, v in flags.items()
+                      if v is not None and k in ("workers", "ray_address", "device", "max_minutes")})
         flags = saved
         config = None
     cfg = build_train_config(config, **flags)

@@ -27,7 +27,8 @@ retrieves its nearest fact (top 1) and is rewritten around it as above. The cont
 memory search (exact: O(n) dot products over n edits; faiss-hnsw: sub-linear), so a stream
 of n edits scales with n only through the search. A query about no edited fact (a
 neighbourhood prompt) still receives the nearest fact, as in the reference, where the
-neighbour prompts are asked after the test fact.
+neighbour prompts are asked after the test fact. A prompt longer than the model's context
+(less 32 tokens for the answer) drops its farthest demonstrations until it fits.
 
 Deviations: the reference's precomputed index (`corpus_idx.txt`, in ../shared/data/ike)
 lists hits over its 13-sentences-per-record embedding table while `icl.py` reads them as
@@ -64,6 +65,7 @@ class IKEConfig(MethodConfig):
     demo_pool: str = hp("", "CounterFact file of demonstration records (default: counterfact-train.json "
                             "of ../shared/data)")
     n_demos: int = hp(32, "demonstrations per fact (the reference's 32: 4 copy, 12 update, 16 retain)")
+    fit_context: bool = hp(True, "drop the farthest demonstrations when a prompt exceeds the model's context")
     seed: int = hp(42, "seed of the per-fact demonstration shuffle")
 
 
@@ -133,6 +135,11 @@ def _cached_embeddings(path: Path, compute, n: int) -> torch.Tensor:
 
 def ike_context(demos: list[Demo], rng: random.Random) -> str:
     """The demonstrations as icl.py's construct_icl_examples writes them."""
+    return "".join(ike_parts(demos, rng))
+
+
+def ike_parts(demos: list[Demo], rng: random.Random) -> list[str]:
+    """The demonstrations one string each, farthest first (nearest last)."""
     order = list(REFERENCE_ORDER[:len(demos)])
     rng.shuffle(order)
     parts = []
@@ -145,7 +152,30 @@ def ike_context(demos: list[Demo], rng: random.Random) -> str:
         else:   # copy (or a record lacking the material for its kind)
             parts.append(f"New Fact: {d.fact}\nPrompt: {d.fact}\n\n")
     parts.reverse()
-    return "".join(parts)
+    return parts
+
+
+def context_length(lm) -> int | None:
+    """The positions the model was built for (None when its config does not say)."""
+    c = getattr(lm.model, "config", None)
+    c = getattr(c, "text_config", None) or c
+    n = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+    return int(n) if n else None
+
+
+def fit_context(lm, parts: list[str], fact: str, query: str, reserve: int = 32) -> str:
+    """The prompt with as many demonstrations as fit the model's context (less `reserve`
+    tokens for the answer): the farthest are dropped first. Real models (SmolLM2: 8,192
+    positions) fit all 32; small-context models would otherwise fail on positions."""
+    limit = context_length(lm)
+    prompt = ike_prompt("".join(parts), fact, query)
+    if limit is None:
+        return prompt
+    start = 0
+    while start < len(parts) and len(lm.tokenizer(prompt)["input_ids"]) > limit - reserve:
+        start += 1
+        prompt = ike_prompt("".join(parts[start:]), fact, query)
+    return prompt
 
 
 def ike_prompt(context: str, fact: str, query: str) -> str:
@@ -191,8 +221,9 @@ class IKE(Stateless):
                 e = memory.entries[i]
                 if e.case_id not in contexts:
                     demos = pool.nearest(e.get("prompt"), e.text, cfg.n_demos, edited)
-                    contexts[e.case_id] = ike_context(demos, random.Random(f"{cfg.seed}:{e.case_id}"))
-                out.append(ike_prompt(contexts[e.case_id], e.text, x))
+                    contexts[e.case_id] = ike_parts(demos, random.Random(f"{cfg.seed}:{e.case_id}"))
+                out.append(fit_context(base.lm, contexts[e.case_id], e.text, x) if cfg.fit_context
+                           else ike_prompt("".join(contexts[e.case_id]), e.text, x))
             return out
 
         return PromptRewriting(base, rewrite)

@@ -1,0 +1,1 @@
+from kedit_core.methods.serac.method import SERAC, SERACConfig  # noqa: F401
