@@ -144,13 +144,13 @@ def train_loop(editor, train: Sequence[Example], val: Sequence[Example], cfg: Lo
             if float(late) > 0 and not stop:
                 log.info("time budget of %.0f s reached at step %d", cfg.max_seconds, state.step)
                 stop = True
+        if stop and (not state.history or state.history[-1]["step"] != state.step):   # validate where it stops
+            vm = editor.validate(list(val[:cfg.val_size]))
+            state.history.append({"step": state.step, **vm})
+            on_metrics(state.step, {f"val/{k}": v for k, v in vm.items()})
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or stop:
             on_checkpoint(state)
         if stop:
-            if not state.history or state.history[-1]["step"] != state.step:     # validate where it stops
-                vm = editor.validate(list(val[:cfg.val_size]))
-                state.history.append({"step": state.step, **vm})
-                on_metrics(state.step, {f"val/{k}": v for k, v in vm.items()})
             log.info("stop at step %d (best validation loss %.4f at step %d)", state.step, state.best_val,
                      state.best_step)
             break

@@ -66,6 +66,7 @@ class TrainConfig:
     experiment: str = "kedit-train"
     ray_address: str | None = None
     zsre_convention: str = "mend"
+    skip_invalid: bool = False
 
     IDENTITY = ("method", "model", "limit", "batch_size", "val_fraction", "seed", "dtype", "zsre_convention")
 
@@ -227,6 +228,9 @@ def train_worker(conf: dict) -> dict:
     loop = LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, val_every=cfg.val_every, val_size=cfg.val_size,
                       patience=cfg.patience, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
                       max_seconds=60.0 * cfg.max_minutes)
+    import time
+
+    t0, step0 = time.perf_counter(), state.step
     try:
         state = train_loop(trainer, train, val, loop, state, on_metrics=on_metrics, on_checkpoint=on_checkpoint,
                            progress=conf.get("progress", False))
@@ -235,7 +239,8 @@ def train_worker(conf: dict) -> dict:
             tracker.finish("FAILED", flush_s=5)
         raise
     result = {"steps": state.step, "best_val": state.best_val, "best_step": state.best_step,
-              "validation": state.history[-1] if state.history else {}}
+              "validation": state.history[-1] if state.history else {},
+              "s_per_step": (time.perf_counter() - t0) / max(1, state.step - step0)}   # this run's steps
     if rank == 0:
         from kedit_core.trained import META, save_artifact
 
@@ -274,7 +279,8 @@ def run_training(cfg: TrainConfig, show_progress: bool = True) -> dict:
 
     examples = []
     for f in cfg.data.split(","):          # several files: their examples in order
-        reqs = load_requests(None if f == "builtin" else f, limit=cfg.limit, zsre_convention=cfg.zsre_convention)
+        reqs = load_requests(None if f == "builtin" else f, limit=cfg.limit, zsre_convention=cfg.zsre_convention,
+                             skip_invalid=cfg.skip_invalid)
         examples += examples_from(reqs, f)
     train, val, split_rec = split(examples, cfg.val_fraction, cfg.seed)
     if len(train) < cfg.batch_size:

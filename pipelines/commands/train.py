@@ -15,6 +15,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--data", default=None, help="training edits (CounterFact / zsRE / KnowEdit file; several: a,b)")
     p.add_argument("--limit", type=int, default=None, help="first N records only")
+    p.add_argument("--skip-invalid", action="store_true", default=None,
+                   help="skip invalid records (with a warning naming each) instead of failing")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=None, help="edits per optimiser step, over all workers")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (0: train in this process)")
@@ -47,7 +49,7 @@ def run(args) -> int:
     flags = {k: getattr(args, k) for k in ("method", "model", "data", "limit", "steps", "batch_size", "workers",
                                            "val_fraction", "val_every", "val_size", "patience", "max_minutes", "checkpoint_every",
                                            "keep_checkpoints", "seed", "out", "dtype", "device", "tracking_uri",
-                                           "experiment", "ray_address")}
+                                           "experiment", "ray_address", "skip_invalid")}
     if args.set:
         flags["set"] = parse_overrides(args.set)
     config = args.config
