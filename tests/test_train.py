@@ -124,4 +124,4 @@ def test_shipped_training_jobs_validate():
     assert {j.stem for j in jobs} >= {"mend_smollm2", "mend_llama3_8b"}
     for j in jobs:
         cfg = build_train_config(str(j))
-        assert cfg.method in ("mend", "ke") and cfg.out and cfg.batch_size % max(1, cfg.workers) == 0
+        assert cfg.method in ("mend", "ke", "serac") and cfg.out and cfg.batch_size % max(1, cfg.workers) == 0
