@@ -47,6 +47,8 @@ class EditRequest:
     portability: tuple[LabeledPrompt, ...] = ()
     # Long-form target (EditEverything / UnKE / AnyEdit); target_new is then its text too.
     long_target: str | None = None
+    # A benchmark's own grouping of its records (EditEverything: math, code, news, ...).
+    category: str | None = None
     # Further named probe sets a benchmark defines (EVOKE prefix distraction, relation
     # specificity, ...): (name, prompts with their expected answers).
     probes: tuple[tuple[str, tuple[LabeledPrompt, ...]], ...] = ()

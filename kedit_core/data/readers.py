@@ -395,6 +395,7 @@ def parse_longform(rec: _Rec) -> EditCase:
     sub_answers = rec.texts("sub_answer")
     return _single(_request(
         rec, subject=question, prompt="{}", target_new=answer, long_target=answer,
+        category=str(rec.raw["category"]) if rec.raw.get("category") else None,
         paraphrase_prompts=rec.texts("para_question"),
         portability=tuple(LabeledPrompt(q, a) for q, a in zip(subs, sub_answers))))
 
