@@ -242,6 +242,15 @@ def parse_evoke(rec: _Rec) -> EditCase:
             ps = rec.texts(key, raw=rw, prefix="requested_rewrite.")
             probes.append(("paraphrase_aug", tuple(
                 LabeledPrompt(p.replace("{}", base.subject), new) for p in ps)))
+    port = rec.get("portability", dict, required=False, default={})
+    q = port.get("New Question")
+    if isinstance(q, str) and q.strip() and isinstance(port.get("New Answer"), str):
+        # EVOKE's multi-hop prompt (eval_utils_evoke_main.py): the answer after the edit and,
+        # for the AMS, the answer the question had before it
+        mh = f"{q} The answer to this question, most simply, is"
+        probes.append(("multihop", (LabeledPrompt(mh, port["New Answer"].strip()),)))
+        if isinstance(port.get("Original Answer"), str) and port["Original Answer"].strip():
+            probes.append(("multihop_original", (LabeledPrompt(mh, port["Original Answer"].strip()),)))
     if rec.has("prefix_distraction") and true is not None:
         probes.append(("prefix_distraction", tuple(
             LabeledPrompt(p, true) for p in rec.texts("prefix_distraction"))))

@@ -89,17 +89,24 @@ def run(args) -> int:
         edited = set(reqs)
         cases = [c for c in read_dataset(args.data, zsre_convention=args.zsre_convention).cases
                  if c.multi_hop_questions and all(r in edited for r in c.requests)]
+    from kedit_core.evaluate.evoke import evoke_metrics, has_evoke_probes
+
+    evoke = has_evoke_probes(reqs)          # EVOKE files: the overfitting metrics too
     pre = ed.evaluate(reqs, perplexity_texts=args.perplexity_texts)
     if cases:
         from kedit_core.evaluate.multihop import evaluate_cases
 
         pre.update(evaluate_cases(ed.model, cases))
+    if evoke:
+        pre.update(evoke_metrics(ed.model, reqs))
     t0 = time.perf_counter()
     batches = ed.edit(reqs, batch_size=args.batch_size)
     wall = time.perf_counter() - t0
     post = ed.evaluate(reqs, perplexity_texts=args.perplexity_texts)
     if cases:
         post.update(evaluate_cases(ed.model, cases))
+    if evoke:
+        post.update(evoke_metrics(ed.model, reqs))
     compute = sum(b["seconds"] for b in batches)
     result = {"model": args.model, "method": args.method, "data": args.data, "n_edits": len(reqs),
               "batch_size": args.batch_size, "config": ed.cfg.to_dict(), "pre": pre, "post": post,
@@ -112,7 +119,8 @@ def run(args) -> int:
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=1, default=str))
     keys = ["efficacy_score", "paraphrase_score", "neighborhood_score", "score", "rewrite_gen",
             "paraphrase_gen", "rewrite_acc", "neighborhood_acc", "locality", "multihop_acc", "single_hop_acc",
-            "hop_acc", "perplexity"]
+            "hop_acc", "efficacy_AMS", "paraphrase_AMS", "multihop_EOS", "multihop_AMS", "distraction_EOS",
+            "rel_spec_EOS", "subj_spec_EOS", "overfit_EOS_mean", "perplexity"]
     for k in keys:
         if k in post:
             console.print(f"  {k:<20} {pre.get(k, float('nan')):8.3f} -> {post[k]:8.3f}")
