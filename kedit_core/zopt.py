@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -68,9 +69,37 @@ class ZOptConfig:
     clamp_norm_factor: float = 0.75
     early_stop_loss: float = 5e-2
     kl_template: str = "{} is a"
+    # EVOKE's LTI (Learn the Inference, Zhang et al. 2410.07819; `rome_lti/compute_v.py`,
+    # `memit_lti/compute_z.py`): None, or the weights of its loss (see `LTIConfig`)
+    lti: "LTIConfig | None" = None
 
     def site(self) -> str:
         return f"blocks.{self.layer}" + ("" if self.where == "block" else ".mlp.out")
+
+
+@dataclass(frozen=True)
+class LTIConfig:
+    """LTI's objective, which replaces the NLL + KL of the plain optimisation:
+
+        loss_i = nll_factor * NLL(target)
+               + last_kl_factor * KL(p_student || p_teacher)   at every target position of every
+                 template row and at the last token of "{subject} is a"
+               + mid_kl_factor * KL(lens_student || lens_teacher)   the logit lens (final norm +
+                 unembedding) of block `mid_layer`'s output at the subject's last token of every row
+               + weight_decay * ||delta|| / ||h||^2
+
+    The teacher is the unedited model reading "Imagine that {prompt} {target}\n" before each
+    template row ("{subject} is a" is read without it, as in the reference). Its positions
+    are found on its own tokenisation of the prefixed row, so they are the student's positions
+    shifted by the prefix (the reference computes them on the unprefixed rows and reads the
+    teacher at misaligned positions - a known pitfall, not reproduced). KL directions follow
+    the reference's `kl_div(teacher, student, log_target=True)`, i.e. KL(student || teacher)."""
+
+    nll_factor: float
+    last_kl_factor: float
+    mid_kl_factor: float
+    mid_layer: int
+    prefix: str = "Imagine that {fact}\n"
 
 
 # ------------------------------------------------------------------ context templates
@@ -219,7 +248,7 @@ class _Rows:
 
 
 def _build_rows(lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str],
-                kl_template: str, owners: Sequence[int]) -> _Rows:
+                kl_template: str, owners: Sequence[int], kl_last: bool = False) -> _Rows:
     seqs, owner, lookup = [], [], []
     lrow, lpos, ltok, krow, kpos = [], [], [], [], []
     for o in owners:
@@ -233,7 +262,7 @@ def _build_rows(lm: LoadedModel, requests: Sequence[EditRequest], templates: Seq
             seqs.append(ids + tgt[:-1]), owner.append(o), lookup.append(li)
     for o in owners:  # KL rows after all rewriting rows
         ids, li = subject_last_index(lm, kl_template, requests[o].subject)
-        krow.append(len(seqs)), kpos.append(li)
+        krow.append(len(seqs)), kpos.append(len(ids) - 1 if kl_last else li)   # LTI: the last token
         seqs.append(ids), owner.append(o), lookup.append(li)
     T = torch.tensor
     return _Rows(seqs, T(owner), lookup, T(lrow), T(lpos), T(ltok).to(lm.device), T(krow), T(kpos),
@@ -385,6 +414,76 @@ class _Runner:
         return bool(torch.allclose(got, want, atol=1e-3, rtol=1e-3))
 
 
+def _lens(lm: LoadedModel, h: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the logit lens: final norm, unembedding (and Gemma's softcap)."""
+    model = lm.model
+    logits = lm.arch.module(model, "unembed")(lm.arch.module(model, "final_norm")(h))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def _lti_teacher(lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str], kl_template: str,
+                 lti: LTIConfig, chunk: int = 32) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per request: the unedited model's log-probs (prefixed template rows at their target
+    positions, then "{subject} is a" at its last token) and its logit lens at block
+    `mid_layer` at the subject's last token of each of those rows, in `_build_rows`' order."""
+    model = lm.model
+    base = getattr(model, model.base_model_prefix)
+    mid = model.get_submodule(lm.arch.blocks)[lti.mid_layer]
+    head = lm.arch.module(model, "unembed")
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    seqs, last, look = [], {}, {}
+    for o, r in enumerate(requests):
+        tgt = target_ids(lm, r.target_new)
+        prefix = lti.prefix.format(fact=f"{r.text} {r.target_new}")
+        last[o], look[o] = [], []
+        for c in templates:
+            ids, li = subject_last_index(lm, prefix + c.replace("{}", r.prompt, 1), r.subject)
+            last[o] += [(len(seqs), len(ids) - 1 + j) for j in range(len(tgt))]
+            look[o].append((len(seqs), li))
+            seqs.append(ids + tgt[:-1])
+    for o, r in enumerate(requests):
+        ids, li = subject_last_index(lm, kl_template, r.subject)
+        last[o].append((len(seqs), len(ids) - 1))
+        look[o].append((len(seqs), li))
+        seqs.append(ids)
+    fin, lens = [None] * len(seqs), [None] * len(seqs)
+    want_last: dict[int, list[int]] = {}
+    for o in last:
+        for row, pos in last[o]:
+            want_last.setdefault(row, []).append(pos)
+    want_look = {row: pos for o in look for row, pos in look[o]}
+    pad = pad_id(lm.tokenizer)
+    for a in range(0, len(seqs), chunk):
+        part = list(range(a, min(a + chunk, len(seqs))))
+        ids, mask = pad_right([seqs[i] for i in part], pad, lm.device)
+        with trace({"m": mid}) as t:
+            h = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        for j, i in enumerate(part):
+            lg = head(h[j, want_last.get(i, [])])
+            if cap:
+                lg = torch.tanh(lg / cap) * cap
+            fin[i] = torch.log_softmax(lg.float(), -1)
+            lens[i] = _lens(lm, t.outputs["m"][j, want_look[i]].unsqueeze(0))[0]
+    out = {}
+    for o in last:
+        rows_last = []
+        for row, pos in last[o]:
+            k = want_last[row].index(pos)
+            rows_last.append(fin[row][k])
+        out[o] = (torch.stack(rows_last), torch.stack([lens[row] for row, _ in look[o]]))
+    return out
+
+
+def _kl_rows(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(student || teacher) (log-probs in; torch's
+    kl_div(teacher, student, log_target=True, reduction="batchmean"), the reference's call)."""
+    return (student.exp() * (student - teacher)).sum(-1).mean()
+
+
 @dataclass
 class ZResult:
     targets: torch.Tensor          # (n, H): target hidden states h_i + delta_i
@@ -415,9 +514,17 @@ def optimize_targets(lm: LoadedModel, requests: Sequence[EditRequest], cfg: ZOpt
     mode_key = ("zopt-mode", cfg.site(), mode)
     checked = mode_key in lm.scratch
     mode = lm.scratch.get(mode_key, mode)
+    lti, teacher = cfg.lti, None
+    if lti is not None and lti.mid_layer < 0:     # the reference's 30 of GPT-2 XL's 48 blocks, scaled
+        lti = dataclasses.replace(lti, mid_layer=min(lm.n_layers - 1, round(0.625 * lm.n_layers)))
+    if lti is not None:
+        # LTI reads a middle block's output too: whole rows through the whole model each step
+        mode, checked = "full", True
+        teacher = _lti_teacher(lm, requests, templates, cfg.kl_template, lti)
+        mid_block = model.get_submodule(arch.blocks)[lti.mid_layer]
     for it in range(cfg.steps):
         if runner is None:
-            rows = _build_rows(lm, requests, templates, cfg.kl_template, active)
+            rows = _build_rows(lm, requests, templates, cfg.kl_template, active, kl_last=lti is not None)
             runner = _Runner(lm, rows, site_mod, cfg.layer, mode)
             while mode != "full" and not checked and not runner.check():
                 fallback = {"suffix": "suffix-noreplay", "suffix-noreplay": "full"}[mode]
@@ -436,7 +543,14 @@ def optimize_targets(lm: LoadedModel, requests: Sequence[EditRequest], cfg: ZOpt
             all_pos = torch.cat([rows.loss_pos, rows.kl_pos])
             n_loss = rows.loss_rows.shape[0]
             row_owner = rows.owner[rows.loss_rows]
-        logits = runner.logits_at(all_rows, all_pos, delta[rows.owner.to(lm.device)])
+        if lti is None:
+            logits = runner.logits_at(all_rows, all_pos, delta[rows.owner.to(lm.device)])
+        else:
+            with trace({"m": mid_block}, keep_grad=True) as tm:
+                logits = runner.logits_at(all_rows, all_pos, delta[rows.owner.to(lm.device)])
+            hm = tm.outputs["m"]
+            mid_lp = _lens(lm, hm[torch.arange(hm.shape[0], device=hm.device), torch.tensor(rows.lookup, device=hm.device)])
+            row_owner_all = rows.owner.to(mid_lp.device)
         logp = torch.log_softmax(logits.to(delta.dtype), dim=-1)
         tok_lp = logp[:n_loss].gather(1, rows.loss_tok.view(-1, 1)).squeeze(1)
         kl_lp = logp[n_loss:]
@@ -446,10 +560,17 @@ def optimize_targets(lm: LoadedModel, requests: Sequence[EditRequest], cfg: ZOpt
             sel = (row_owner == o).to(tok_lp.device)
             n_tgt = int(sel.sum()) // rows.n_ctx
             nll = -tok_lp[sel].sum() / n_tgt / rows.n_ctx
+            wd = cfg.weight_decay * (delta[o].norm() / init[o].norm() ** 2)
+            if lti is not None:
+                t_last, t_mid = teacher[o]
+                s_last = torch.cat([logp[:n_loss][sel], kl_lp[j:j + 1]])
+                kl_last = _kl_rows(s_last.float(), t_last)
+                kl_mid = _kl_rows(mid_lp[row_owner_all == o], t_mid)
+                losses.append(lti.nll_factor * nll + lti.last_kl_factor * kl_last + lti.mid_kl_factor * kl_mid + wd)
+                continue
             if kl_init[o] is None:
                 kl_init[o] = kl_lp[j].detach()
             kl = cfg.kl_factor * kl_term(kl_init[o].unsqueeze(0), kl_lp[j].unsqueeze(0))
-            wd = cfg.weight_decay * (delta[o].norm() / init[o].norm() ** 2)
             losses.append(nll + kl + wd)
         done = set()
         for j, o in enumerate(active):

@@ -89,6 +89,17 @@ class EditConfig(MethodConfig):
                                  "as the reference code)")
     mom2_n_samples: int = hp(100_000, "texts of the statistics corpus (reference: 100,000 Wikipedia texts)")
     mom2_max_length: int = hp(128, "tokens per statistics text")
+    # EVOKE's LTI (Zhang et al. 2410.07819): the target optimisation learns from the unedited
+    # model reading "Imagine that {fact}" (kedit_core.zopt.LTIConfig); reference weights of
+    # MEMIT-LTI (GPT-2 XL), ROME's own in its config
+    lti: bool = hp(False, "EVOKE's LTI: the target optimisation imitates the unedited model reading the fact "
+                          "in context (reduces overfitting)")
+    lti_nll_factor: float = hp(0.125, "LTI: weight of the NLL (reference MEMIT-LTI 0.125, ROME-LTI 0.15)")
+    lti_last_kl_factor: float = hp(0.0425, "LTI: weight of the output KL to the teacher (MEMIT-LTI 0.0425, "
+                                           "ROME-LTI 0.0325)")
+    lti_mid_kl_factor: float = hp(0.0525, "LTI: weight of the mid-layer logit-lens KL (MEMIT-LTI 0.0525, "
+                                          "ROME-LTI 0.0625)")
+    lti_mid_layer: int = hp(-1, "LTI: block of the logit lens (-1: 0.625 x depth, the reference's 30 of 48)")
 
 
 def model_key(lm: LoadedModel) -> tuple[str, int, int]:

@@ -20,9 +20,15 @@ def mlp_out_stats(lm: LoadedModel, layers: Sequence[int]) -> list[StatKey]:
 
 
 def zopt_config(cfg, layer: int, where: str) -> ZOptConfig:
+    lti = None
+    if getattr(cfg, "lti", False):
+        from kedit_core.zopt import LTIConfig
+
+        lti = LTIConfig(nll_factor=cfg.lti_nll_factor, last_kl_factor=cfg.lti_last_kl_factor,
+                        mid_kl_factor=cfg.lti_mid_kl_factor, mid_layer=cfg.lti_mid_layer)
     return ZOptConfig(layer=layer, where=where, steps=cfg.v_num_grad_steps, lr=cfg.v_lr,
                       kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay,
-                      clamp_norm_factor=cfg.clamp_norm_factor)
+                      clamp_norm_factor=cfg.clamp_norm_factor, lti=lti)
 
 
 class LocalBackend:

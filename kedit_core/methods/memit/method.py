@@ -16,6 +16,14 @@ Deviations from the reference code (kmeng01/memit), all deliberate:
 * the whole solve is float64 (the reference casts K, R and C to double too, but C was
   accumulated in float32);
 * context templates are sampled once per model with a fixed seed and cached.
+
+`lti=true` is EVOKE's MEMIT-LTI (Zhang et al. 2410.07819, Acruxos/EVOKE): the target
+optimisation imitates the unedited model reading "Imagine that {fact}" (kedit_core.zopt.
+LTIConfig; weights of the reference's GPT-2 XL hparams). Deviations: the teacher's fact has a
+space between prompt and target (the reference concatenates them), the teacher's positions are
+aligned to its prefixed rows (the reference's are not), the logit-lens block defaults to
+0.625 x depth (the reference's 30 of 48), and LTI runs whole rows through the model each step.
+The reference's MEMIT-LTI also raises the clamp to 1.2 (set clamp_norm_factor=1.2 with lti).
 """
 
 from __future__ import annotations

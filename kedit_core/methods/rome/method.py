@@ -27,6 +27,13 @@ Deviations from the reference code:
 * the templates are sampled once per model with a fixed seed and cached (the reference
   samples them once per process);
 * C^{-1} k* is a float64 solve instead of an explicit inverse.
+
+`lti=true` is EVOKE's ROME-LTI (Zhang et al. 2410.07819, Acruxos/EVOKE): the target
+optimisation imitates the unedited model reading "Imagine that {fact}" (kedit_core.zopt.
+LTIConfig; weights of the reference's GPT-2 XL hparams). Deviations: the teacher's fact has a
+space between prompt and target (the reference concatenates them), the teacher's positions are
+aligned to its prefixed rows (the reference's are not), the logit-lens block defaults to
+0.625 x depth (the reference's 30 of 48), and LTI runs whole rows through the model each step.
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ class RomeConfig(EditConfig):
     clamp_norm_factor: float = hp(4.0, "clamp ||delta|| <= factor * ||v|| (ROME: 4)")
     v_num_grad_steps: int = hp(20, "Adam steps of the value optimisation")
     mom2_adjustment: bool = hp(True, "left vector C^-1 k* (True, ROME) or k* itself (False)")
+    lti_nll_factor: float = hp(0.15, "LTI: weight of the NLL (reference ROME-LTI, GPT-2 XL: 0.15)")
+    lti_last_kl_factor: float = hp(0.0325, "LTI: weight of the output KL to the teacher (ROME-LTI 0.0325)")
+    lti_mid_kl_factor: float = hp(0.0625, "LTI: weight of the mid-layer logit-lens KL (ROME-LTI 0.0625)")
 
     ARCH_DEFAULTS: ClassVar = {
         ("gpt2", 48, 1600): dict(layers=(17,), v_num_grad_steps=20, clamp_norm_factor=4.0),
