@@ -36,6 +36,7 @@ class Editor:
                  memory_index: str = "exact", **overrides):
         self.lm = model if isinstance(model, LoadedModel) else load(model, dtype=dtype, device=device,
                                                                       zero3=zero3, ds_config=ds_config)
+        self.lm.fingerprint()      # memoised now, on the weights as loaded (save() records it after edits)
         self.method = get_method(method)
         self.cfg = make_config(self.method.config_cls, self.lm, overrides)
         self.corpus = open_corpus(stats_corpus)
