@@ -44,6 +44,7 @@ class RunConfig:
     zopt_chunk: int = 64                  # requests optimised together inside a worker (bounded memory)
     tracking_uri: str | None = None       # default: sqlite in the output directory's parent
     experiment: str = "kedit"
+    parent_run_id: str | None = None      # an MLflow parent run (kedit bench: one child run per cell)
     ray_address: str | None = None        # default: the cluster of a submitted job, else a local instance
     seed: int = 0
     zero3: bool = False                   # replicas partitioned by DeepSpeed ZeRO-3 (optional extra)

@@ -268,7 +268,8 @@ class EditStream:
         tracker.start(self.out.name, {**{k: v for k, v in cfg.to_dict().items() if k != "set"},
                                       "hparams": ed.cfg.to_dict(), "data_hash": dhash,
                                       "n_requests": len(reqs), "model_hash": lm.fingerprint()},
-                      {"kedit_version": __version__, "git_sha": git_sha(), "identity_hash": ihash})
+                      {"kedit_version": __version__, "git_sha": git_sha(), "identity_hash": ihash,
+                       **({"mlflow.parentRunId": cfg.parent_run_id} if cfg.parent_run_id else {})})
         self._relog(tracker, rows, records)
         if finished:
             log.info("stream already finished: %s", self.out / "metrics.json")
@@ -415,11 +416,36 @@ class EditStream:
         tracker.log_missing([({k: v for k, v in row.items() if k not in ("seconds_per_edit", "z_loss_mean")},
                                row["edits"]) for row in rows], probe="all/efficacy_score")
 
+    def _benchmark_metrics(self, ed, reqs) -> dict:
+        """At the end of a stream, the metrics of the dataset's own benchmark beyond the
+        per-request ones: MQuAKE's multi-hop accuracy (cases whose every rewrite was edited)
+        and EVOKE's overfitting metrics, under `bench/`."""
+        from kedit_core.evaluate.evoke import evoke_metrics, has_evoke_probes
+
+        out: dict = {}
+        if self.cfg.data != "builtin":
+            from kedit_core.data import read_dataset
+            from kedit_core.evaluate.multihop import evaluate_cases
+
+            edited = set(reqs)
+            cases = [c for c in read_dataset(self.cfg.data, skip_invalid=self.cfg.skip_invalid,
+                                             zsre_convention=self.cfg.zsre_convention).cases
+                     if c.multi_hop_questions and all(r in edited for r in c.requests)]
+            if cases:
+                out.update(evaluate_cases(ed.model, cases))
+        if has_evoke_probes(reqs):
+            out.update(evoke_metrics(ed.model, reqs))
+        return {f"bench/{k}": v for k, v in out.items() if isinstance(v, (int, float))}
+
     def _finish(self, ed, tracker, reqs, rows, records) -> dict:
         from pipelines.tracking import plot_curves
 
         weights = read_weights(ed.lm, ed.applier.originals)
         n = sum(r["n"] for r in records)
+        bench = self._benchmark_metrics(ed, reqs)
+        if bench:
+            rows[-1].update(bench)
+            tracker.log_metrics(bench, step=n)
         result = {"config": self.cfg.to_dict(), "hparams": ed.cfg.to_dict(), "n_edits": n,
                   "pre": rows[0], "post": rows[-1], "curve": rows,
                   "seconds_per_edit": sum(r["seconds"] for r in records) / max(n, 1),

@@ -1,0 +1,267 @@
+"""`kedit bench`: one command fills the methods x datasets table for a model.
+
+Each cell is an edit stream (kedit's EditStream: the same batch size, limit and evaluation for
+every cell) in its own directory OUT/cells/<method>__<dataset>, run as a Ray task with
+`cpus_per_cell` CPUs (and `gpus_per_cell` GPUs), so cells spread over a cluster; with
+`ray=False` they run one after another in this process. Resumable cell by cell: a finished
+cell (its metrics.json) is read back, an interrupted one resumes from its own checkpoints
+exactly, so `kedit bench` run again after a kill -9 continues where it stopped. MLflow: a
+parent run (OUT/mlflow.json) and one child run per cell (`mlflow.parentRunId`). The report:
+OUT/report.md (one table per benchmark family, with its metrics), OUT/report.csv (every
+cell's final metrics), OUT/report.png (the main metrics per method and dataset), also logged to
+the parent run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import resource
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kedit_core.errors import BadInputError
+from kedit_core.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# Per benchmark family: (column title, metric key in the final evaluation row).
+FAMILY_METRICS = {
+    "counterfact": [("ES", "all/efficacy_score"), ("PS", "all/paraphrase_score"), ("NS", "all/neighborhood_score"),
+                    ("Score", "all/score")],
+    "zsre": [("efficacy", "all/rewrite_acc"), ("generalisation", "all/paraphrase_acc"), ("locality", "all/locality")],
+    "mquake": [("multi-hop", "bench/multihop_acc"), ("single-hop", "bench/single_hop_acc"),
+               ("hop-wise", "bench/hopwise_acc")],
+    "evoke": [("efficacy AMS", "bench/efficacy_AMS"), ("multi-hop EOS", "bench/multihop_EOS"),
+              ("distraction EOS", "bench/distraction_EOS"), ("overfit EOS mean", "bench/overfit_EOS_mean")],
+    "other": [("ES", "all/efficacy_score"), ("rewrite acc", "all/rewrite_acc")],
+}
+FAMILY_OF_FORMAT = {"counterfact": "counterfact", "counterfact-flat": "counterfact", "knowedit": "counterfact",
+                    "zsre": "zsre", "mquake": "mquake", "evoke": "evoke"}
+
+
+@dataclass(kw_only=True)
+class BenchConfig:
+    model: str = "smollm2-135m"
+    methods: list[str] = field(default_factory=lambda: ["memit", "alphaedit"])
+    data: list[str] = field(default_factory=lambda: ["builtin"])
+    limit: int | None = 100
+    batch_size: int = 10
+    eval_every: int = 0
+    perplexity_texts: int = 50
+    out: str = ""
+    stats_corpus: str | None = None
+    set: dict[str, dict[str, Any]] = field(default_factory=dict)   # per-method hyper-parameters
+    tracking_uri: str | None = None
+    experiment: str = "kedit-bench"
+    ray: bool = True
+    ray_address: str | None = None
+    cpus_per_cell: float = 1.0
+    gpus_per_cell: float = 0.0
+    device: str = "auto"
+    dtype: str = "fp32"
+    skip_invalid: bool = True
+
+    IDENTITY = ("model", "methods", "data", "limit", "batch_size", "eval_every", "perplexity_texts", "stats_corpus",
+                "set", "dtype")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def cell_name(method: str, data: str) -> str:
+    stem = "builtin" if data == "builtin" else Path(data).name.rsplit(".", 1)[0]
+    return f"{method}__{stem}"
+
+
+def family(data: str) -> str:
+    if data == "builtin":
+        return "counterfact"
+    from kedit_core.data.readers import detect_format, read_records
+
+    try:
+        return FAMILY_OF_FORMAT.get(detect_format(read_records(data)[:5], data), "other")
+    except Exception:  # noqa: BLE001 - the cell itself reports a bad file
+        return "other"
+
+
+def _cell_config(cfg: BenchConfig, method: str, data: str, parent: str | None) -> dict:
+    from pipelines.config import RunConfig
+
+    rc = RunConfig(model=cfg.model, method=method, data=data, limit=cfg.limit, batch_size=cfg.batch_size,
+                   workers=0, eval_every=cfg.eval_every, out=str(Path(cfg.out) / "cells" / cell_name(method, data)),
+                   stats_corpus=cfg.stats_corpus, set=dict(cfg.set.get(method, {})), perplexity_texts=cfg.perplexity_texts,
+                   tracking_uri=cfg.tracking_uri, experiment=cfg.experiment, parent_run_id=parent,
+                   device=cfg.device, dtype=cfg.dtype, skip_invalid=cfg.skip_invalid)
+    return rc.to_dict()
+
+
+def run_cell(conf: dict) -> dict:
+    """One cell: an edit stream (resumes from its checkpoints when interrupted before)."""
+    from pipelines.config import RunConfig
+    from pipelines.edit_job import EditStream
+
+    res = EditStream(RunConfig(**conf), show_progress=False).run()
+    cell = {"post": res["post"], "seconds_per_edit": res["seconds_per_edit"], "n_edits": res["n_edits"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    atomic_write_text(Path(conf["out"]) / "bench_cell.json", json.dumps(cell, default=str))
+    return cell
+
+
+def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
+    from pipelines.config import differences
+    from pipelines.tracking import Tracker
+
+    if not cfg.out:
+        raise BadInputError("an output directory is required (--out)", field="out")
+    if not cfg.methods or not cfg.data:
+        raise BadInputError("at least one method and one dataset", field="methods")
+    from kedit_core.methods import get_method
+
+    for m in cfg.methods:
+        get_method(m)                          # unknown names are refused before any work
+    for d in cfg.data:
+        if d != "builtin" and not Path(d).is_file():
+            raise BadInputError("no such dataset file", file=d, field="data")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ident = json.loads(json.dumps({k: getattr(cfg, k) for k in BenchConfig.IDENTITY}, default=list))
+    rec = out / "bench.json"
+    if rec.is_file():
+        diff = differences(json.loads(rec.read_text()).get("identity", {}), ident)
+        if diff:
+            raise BadInputError(f"holds another bench ({'; '.join(diff)[:300]}); choose another --out", file=str(rec))
+    else:
+        atomic_write_text(rec, json.dumps({"identity": ident, "config": cfg.to_dict()}, indent=1, default=list))
+    tracker = Tracker(out, cfg.tracking_uri, cfg.experiment)
+    cfg.tracking_uri = tracker.uri           # the cells' child runs go to the parent's store
+    parent = tracker.start("bench", {k: v for k, v in cfg.to_dict().items() if k != "set"}, {"kedit_bench": "parent"})
+    cells = [(m, d) for d in cfg.data for m in cfg.methods]
+    results: dict[str, dict] = {}
+    todo = []
+    for m, d in cells:
+        name = cell_name(m, d)
+        done = out / "cells" / name / "bench_cell.json"
+        if done.is_file() and (out / "cells" / name / "metrics.json").is_file():
+            results[name] = json.loads(done.read_text())
+            log.info("cell %s already finished", name)
+        else:
+            todo.append((m, d))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="bench cells", disable=not show_progress)
+    if todo and cfg.ray:
+        import ray
+
+        from pipelines.raycluster import init_ray
+
+        init_ray(cfg.ray_address)
+        task = ray.remote(num_cpus=cfg.cpus_per_cell, num_gpus=cfg.gpus_per_cell, max_retries=0)(run_cell)
+        refs = {task.remote(_cell_config(cfg, m, d, parent)): cell_name(m, d) for m, d in todo}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            name = refs[ready[0]]
+            try:
+                results[name] = ray.get(ready[0])
+            except Exception as e:  # noqa: BLE001 - one failed cell does not lose the others
+                log.error("cell %s failed: %s", name, " ".join(str(e).split())[:300])
+                results[name] = {"error": " ".join(str(e).split())[:300]}
+            bar.update(1)
+    else:
+        for m, d in todo:
+            name = cell_name(m, d)
+            try:
+                results[name] = run_cell(_cell_config(cfg, m, d, parent))
+            except BadInputError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                log.error("cell %s failed: %s", name, e)
+                results[name] = {"error": " ".join(str(e).split())[:300]}
+            bar.update(1)
+    bar.close()
+    rows = []
+    for m, d in cells:
+        r = results.get(cell_name(m, d), {})
+        rows.append({"method": m, "data": d, "family": family(d), "cell": cell_name(m, d), **r})
+    paths = write_report(out, cfg, rows)
+    for p in paths:
+        tracker.log_artifact(p)
+    for r in rows:
+        for _, key in FAMILY_METRICS[r["family"]]:
+            v = (r.get("post") or {}).get(key)
+            if isinstance(v, (int, float)):
+                tracker.log_metrics({f"{r['cell']}/{key}": v}, step=0)
+    tracker.finish("FAILED" if any("error" in r for r in rows) else "FINISHED")
+    return {"rows": rows, "report": [str(p) for p in paths]}
+
+
+def write_report(out: Path, cfg: BenchConfig, rows: list[dict]) -> list[Path]:
+    lines = [f"# kedit bench: {cfg.model}", "",
+             f"{len(cfg.methods)} methods x {len(cfg.data)} datasets, first {cfg.limit} records each, sequential "
+             f"batches of {cfg.batch_size}; metrics over all edits at the end of each stream.", ""]
+    csv_rows = []
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        cols = FAMILY_METRICS[fam]
+        lines += [f"## {fam}", "", "| method | data | " + " | ".join(c for c, _ in cols) + " | s/edit | peak RSS MB |",
+                  "|---" * (len(cols) + 4) + "|"]
+        for r in (x for x in rows if x["family"] == fam):
+            post = r.get("post") or {}
+            vals = [f"{post[k]:.3f}" if isinstance(post.get(k), (int, float)) else "-" for _, k in cols]
+            if "error" in r:
+                vals = ["failed"] + ["-"] * (len(cols) - 1)
+            spe = f"{r['seconds_per_edit']:.2f}" if isinstance(r.get("seconds_per_edit"), (int, float)) else "-"
+            rss = f"{r['peak_rss_mb']:.0f}" if isinstance(r.get("peak_rss_mb"), (int, float)) else "-"
+            lines.append(f"| {r['method']} | {Path(r['data']).name} | " + " | ".join(vals) + f" | {spe} | {rss} |")
+        lines.append("")
+    for r in rows:
+        post = r.get("post") or {}
+        csv_rows.append({"method": r["method"], "data": r["data"], "family": r["family"],
+                         "seconds_per_edit": r.get("seconds_per_edit"), "peak_rss_mb": r.get("peak_rss_mb"),
+                         "error": r.get("error", ""),
+                         **{k: v for k, v in post.items() if isinstance(v, (int, float))}})
+    md = out / "report.md"
+    lines.append("![main metrics](report.png)")
+    atomic_write_text(md, "\n".join(lines) + "\n")
+    keys = list(dict.fromkeys(k for r in csv_rows for k in r))
+    tmp = out / ".report.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(csv_rows)
+    tmp.replace(out / "report.csv")
+    png = plot_report(out / "report.png", cfg, rows)
+    return [md, out / "report.csv", png]
+
+
+def plot_report(path: Path, cfg: BenchConfig, rows: list[dict]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    datasets = list(dict.fromkeys(r["data"] for r in rows))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        sub = [r for r in rows if r["data"] == d]
+        cols = FAMILY_METRICS[sub[0]["family"]]
+        x = np.arange(len(cols))
+        w = 0.8 / max(1, len(sub))
+        for i, r in enumerate(sub):
+            post = r.get("post") or {}
+            ax.bar(x + i * w, [post.get(k) if isinstance(post.get(k), (int, float)) else 0 for _, k in cols], w,
+                   label=r["method"])
+        ax.set_xticks(x + w * (len(sub) - 1) / 2, [c for c, _ in cols], rotation=20)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(Path(d).name if d != "builtin" else "built-in", fontsize=9)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"kedit bench: {cfg.model}, {cfg.limit} edits in batches of {cfg.batch_size}", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(".report.png.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

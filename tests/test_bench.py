@@ -1,0 +1,96 @@
+"""`kedit bench` (issue 12 point 4): cells are edit streams, the report has one table per
+benchmark family (CounterFact and EVOKE here) with CSV and PNG, a finished cell is never
+recomputed, the MLflow parent run has a child run per cell; on Ray, a bench killed with -9
+resumes cell by cell."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main as cli
+from tests.test_evoke import MAIN
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    (d / "corpus.txt").write_text("\n".join(["Paris is the capital of France.", "Edits change facts in models."] * 30))
+    recs = [dict(MAIN, case_id=i) for i in range(2)]
+    recs[1]["requested_rewrite"] = dict(MAIN["requested_rewrite"], subject="Max Mosley")
+    (d / "evoke.json").write_text(json.dumps(recs))
+    return d
+
+
+def argv(out, files, *extra):
+    return ["bench", "--model", "tiny-random-llama", "--device", "cpu", "--methods", "ft-m,memit",
+            "--data", f"builtin,{files / 'evoke.json'}", "--limit", "4", "--batch-size", "2", "--perplexity-texts", "0",
+            "--stats-corpus", str(files / "corpus.txt"), "--set", "ft-m.layers=1", "--set", "ft-m.num_steps=2",
+            "--set", "memit.layers=0,1", "--set", "memit.mom2_n_samples=40", "--set", "memit.v_num_grad_steps=2",
+            "--out", str(out), *extra]
+
+
+def test_bench_in_process_report_resume_and_mlflow(files, tmp_path):
+    out = tmp_path / "b"
+    assert cli(argv(out, files, "--no-ray")) == 0
+    for f in ("report.md", "report.csv", "report.png", "bench.json"):
+        assert (out / f).is_file()
+    md = (out / "report.md").read_text()
+    assert "## counterfact" in md and "## evoke" in md and "| ES | PS | NS | Score |" in md
+    import csv
+
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert len(rows) == 4 and {r["method"] for r in rows} == {"ft-m", "memit"}
+    evoke = [r for r in rows if r["family"] == "evoke"]
+    assert all(r["bench/multihop_EOS"] != "" for r in evoke)
+    # a finished cell is read back, not recomputed
+    cell = out / "cells" / "memit__builtin" / "metrics.json"
+    before = cell.stat().st_mtime_ns
+    assert cli(argv(out, files, "--no-ray")) == 0
+    assert cell.stat().st_mtime_ns == before
+    # MLflow: the parent run and one child run per cell
+    from mlflow.tracking import MlflowClient
+
+    rec = json.loads((out / "mlflow.json").read_text())
+    client = MlflowClient(rec["uri"])
+    children = client.search_runs([rec["experiment_id"]], f"tags.mlflow.parentRunId = '{rec['run_id']}'")
+    assert len(children) == 4
+    # another bench in the same directory is refused
+    assert cli(argv(out, files, "--no-ray", "--limit", "2")) == 2
+
+
+@pytest.mark.slow
+def test_bench_on_ray_resumes_cell_by_cell_after_sigkill(files, tmp_path):
+    out = tmp_path / "ray"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv(out, files, "--cpus-per-cell", "2")],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 900
+    first = None
+    while time.time() < deadline:
+        done = sorted(p.parent.name for p in (out / "cells").glob("*/bench_cell.json")) if (out / "cells").is_dir() else []
+        if done:
+            first = done[0]
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)          # the driver and its Ray processes
+    proc.wait()
+    assert first is not None, "no cell finished in time"
+    stamp = (out / "cells" / first / "metrics.json").stat().st_mtime_ns
+    assert not (out / "report.md").exists()
+    try:
+        assert cli(argv(out, files, "--cpus-per-cell", "2")) == 0
+    finally:
+        import ray
+
+        ray.shutdown()
+    assert (out / "cells" / first / "metrics.json").stat().st_mtime_ns == stamp      # not recomputed
+    assert len(list((out / "cells").glob("*/bench_cell.json"))) == 4 and (out / "report.png").is_file()
