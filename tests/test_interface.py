@@ -72,7 +72,9 @@ def _trained_editor(method, lm, reqs, out) -> str:
 
         tr = SERACTrainer(lm, SERACConfig(lr=1e-4), seed=0)
     else:
-        tr = (MENDTrainer(lm, MENDConfig(rank=4, layers=layers), seed=0) if method == "mend" else
+        # lr_lr below the initial step size: one Adam step moves each learned step by ~lr_lr, and
+        # at the default (1e-4 = the initial step) it can land exactly on 0, an editor that edits nothing
+        tr = (MENDTrainer(lm, MENDConfig(rank=4, layers=layers, lr_lr=1e-5), seed=0) if method == "mend" else
               KETrainer(lm, KEConfig(layers=layers, lstm_hidden=8, condition_dim=16, hidden=8), seed=0))
     tr.train_step(examples_from(reqs), len(reqs))
     save_artifact(out, method, tr.artifact_tensors(), base_model="tiny", base_fingerprint=lm.fingerprint(),
