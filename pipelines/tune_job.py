@@ -124,6 +124,7 @@ def run_trial(params: dict, base: dict) -> dict:
            "dir": str(tdir)}
     tracker = Tracker(tdir, base["tracking_uri"], base["experiment"])    # continues the stream's run
     tracker.start(key, {}, {})
+    tracker.set_tags({"kedit_tune": "trial", "kedit_tune_key": key})
     tracker.log_metrics({f"tune/{k}": v for k, v in parts.items() if isinstance(v, (int, float))},
                         step=cell["n_edits"])
     tracker.finish()
@@ -206,13 +207,17 @@ def _run_tuner(cfg: TuneConfig, space: dict, base: dict, show_progress: bool) ->
         tuner = tune.Tuner(trainable, param_space=pspace,
                            tune_config=tune.TuneConfig(metric="objective", mode="max", search_alg=_searcher(cfg),
                                                        num_samples=1 if cfg.search == "grid" else cfg.trials,
-                                                       max_concurrent_trials=cfg.concurrent),
+                                                       # the basic generator limits itself (max_concurrent)
+                                                       max_concurrent_trials=None if cfg.search in ("random", "grid")
+                                                       else cfg.concurrent),
                            run_config=tune.RunConfig(storage_path=str(storage), name="ray_tune",
                                                      verbose=1 if show_progress else 0,
                                                      failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
     out = []
-    for r in grid:
+    # in the order Tune created the trials (a restored ResultGrid lists them in another order;
+    # the best of equal objectives is the first one)
+    for r in sorted(grid, key=lambda r: Path(r.path).name if r.path else ""):
         err = " ".join(str(r.error).split())[:300] if r.error else None
         out.append((_decode({k: v for k, v in r.config.items() if k in pspace}, encoded), err))
     return out
@@ -372,6 +377,8 @@ def _run(cfg: TuneConfig, method, space: dict, split_info: dict, test, show_prog
                                     "set": cfg.set, "space": {n: d.describe() for n, d in space.items()},
                                     "split_sha256": split_info["sha256"], "source_sha256": split_info["source_sha256"]},
                            {"kedit_tune": "parent"})
+    if parent is None and tracker.flush(60.0) == 0:     # a slow store (SQLite being created): the
+        parent = tracker.run_id                        # child runs need the parent's id
     base = {"out": cfg.out, "model": cfg.model, "method": cfg.method, "data": split_info["path"],
             "batch_size": cfg.batch_size, "stats_corpus": cfg.stats_corpus, "set": dict(cfg.set),
             "perplexity_texts": cfg.perplexity_texts, "tracking_uri": cfg.tracking_uri, "experiment": cfg.experiment,
@@ -418,6 +425,7 @@ def _report_on_test(cfg: TuneConfig, best: dict, test, parent: str | None, spec)
     from kedit_core.tune import objective
     from pipelines.bench_job import run_cell
     from pipelines.config import RunConfig
+    from pipelines.tracking import Tracker
 
     rows = {}
     for name, extra in (("chosen", best["params"]), ("default", {})):
@@ -428,6 +436,10 @@ def _report_on_test(cfg: TuneConfig, best: dict, test, parent: str | None, spec)
                        experiment=cfg.experiment, parent_run_id=parent, device=cfg.device, dtype=cfg.dtype,
                        skip_invalid=cfg.skip_invalid)
         cell = run_cell(rc.to_dict())
+        tracker = Tracker(tdir, cfg.tracking_uri, cfg.experiment)      # continues the stream's run
+        tracker.start(name, {}, {})
+        tracker.set_tags({"kedit_tune": f"test-{name}"})
+        tracker.finish()
         rows[name] = {"params": extra, **objective(cell["post"], cell.get("pre"), spec), "n_edits": cell["n_edits"],
                       "perplexity": cell["post"].get("perplexity"), "seconds_per_edit": cell["seconds_per_edit"],
                       "unedited": {k: cell.get("pre", {}).get(f"all/{m}") for k, m in
