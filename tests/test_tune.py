@@ -5,7 +5,6 @@ tune on a tiny model: trials through Ray Tune, best.json, MLflow child runs read
 second call that recomputes no finished trial."""
 
 import json
-import math
 import random
 from types import SimpleNamespace
 
