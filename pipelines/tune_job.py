@@ -394,7 +394,7 @@ def _run(cfg: TuneConfig, method, space: dict, split_info: dict, test, show_prog
             trials.append({"trial": i, **json.loads(done.read_text())})
         else:
             trials.append({"trial": i, "key": params_key(params), "params": params, "objective": None,
-                           "error": err or "no result"})
+                           "error": err or "not finished (interrupted?): run the same command again"})
     ok = [t for t in trials if isinstance(t.get("objective"), (int, float))]
     best = max(ok, key=lambda t: t["objective"]) if ok else None
     for t in ok:
