@@ -104,7 +104,7 @@ def run_cell(conf: dict) -> dict:
     from pipelines.edit_job import EditStream
 
     res = EditStream(RunConfig(**conf), show_progress=False).run()
-    cell = {"post": res["post"], "seconds_per_edit": res["seconds_per_edit"], "n_edits": res["n_edits"],
+    cell = {"pre": res["pre"], "post": res["post"], "seconds_per_edit": res["seconds_per_edit"], "n_edits": res["n_edits"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     atomic_write_text(Path(conf["out"]) / "bench_cell.json", json.dumps(cell, default=str))
     return cell

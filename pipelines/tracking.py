@@ -218,6 +218,14 @@ class Tracker:
 
         self._submit(send, f"metrics at step {step}")
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tags on the run (queued like every call)."""
+        def send():
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(v))
+
+        self._submit(send, "tags")
+
     def log_missing(self, series: list[tuple[dict, int]], probe: str) -> None:
         """Log each (metrics, step) of `series` whose step the run's history of `probe` does
         not hold yet (a resumed stream's metrics that an earlier driver could not send).

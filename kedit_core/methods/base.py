@@ -70,6 +70,8 @@ class MethodConfig:
 
     # (family, n_layers, hidden) -> overrides, per method; filled by subclasses.
     ARCH_DEFAULTS: ClassVar[dict[tuple[str, int, int], dict[str, Any]]] = {}
+    # The default search space of `kedit tune`: NAME -> "KIND:ARGS" (kedit_core.tune.parse_space).
+    TUNE_SPACE: ClassVar[dict[str, str]] = {}
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -100,6 +102,11 @@ class EditConfig(MethodConfig):
     lti_mid_kl_factor: float = hp(0.0525, "LTI: weight of the mid-layer logit-lens KL (MEMIT-LTI 0.0525, "
                                           "ROME-LTI 0.0625)")
     lti_mid_layer: int = hp(-1, "LTI: block of the logit lens (-1: 0.625 x depth, the reference's 30 of 48)")
+
+    # `kedit tune`: the edited window moved around the model's default, the target
+    # optimisation's steps and its clamp (methods add their own regulariser)
+    TUNE_SPACE: ClassVar[dict[str, str]] = {"layers": "shift:-2,-1,0,1,2", "v_num_grad_steps": "int:8,25",
+                                            "clamp_norm_factor": "uniform:0.5,1.0"}
 
 
 def model_key(lm: LoadedModel) -> tuple[str, int, int]:

@@ -38,6 +38,10 @@ class AlphaEditConfig(EditConfig):
     nullspace_threshold: float = hp(2e-2, "eigenvalues of E[kk^T] below this span the null space")
     L2: float = hp(10.0, "ridge term of AlphaEdit eq. 14 (Llama-3-8B: 10)")
 
+    # `kedit tune`: around the reference's L2 = 10 and threshold 2e-2, on a log scale
+    TUNE_SPACE: ClassVar = {**EditConfig.TUNE_SPACE, "L2": "loguniform:0.5,50",
+                            "nullspace_threshold": "loguniform:3e-3,3e-2"}
+
     ARCH_DEFAULTS: ClassVar = {
         # Llama-3-8B (hparams/AlphaEdit/Llama3-8B.json).
         ("llama", 32, 4096): dict(layers=(4, 5, 6, 7, 8), v_num_grad_steps=25, v_lr=0.1,

@@ -55,6 +55,9 @@ class FTConfig(MethodConfig):
                                           "last-prompt-position loss, known to be wrong for multi-token targets)")
     early_stop_loss: float = hp(1e-2, "skip a step below this chunk loss; stop below this epoch mean")
 
+    # `kedit tune`: the fine-tuned block around the default, learning rate and epochs
+    TUNE_SPACE: ClassVar = {"layers": "shift:-4,-2,0,2,4", "lr": "loguniform:1e-4,5e-3", "num_steps": "int:10,50"}
+
     ARCH_DEFAULTS: ClassVar = {
         # GPT-2 XL (kmeng01/rome hparams/FT/gpt2-xl_constr.json): layer 0, epsilon 5e-4.
         ("gpt2", 48, 1600): dict(layers=(0,), lr=5e-4, num_steps=25, norm_constraint=5e-4),

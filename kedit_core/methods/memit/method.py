@@ -43,6 +43,9 @@ from kedit_core.types import EditResult, StatKey
 class MemitConfig(EditConfig):
     mom2_update_weight: float = hp(15_000.0, "lambda of MEMIT eq. 14 (GPT-J: 15,000)")
 
+    # `kedit tune`: lambda over two decades around the papers' 15,000-20,000 and SmolLM2's 2,000
+    TUNE_SPACE: ClassVar = {**EditConfig.TUNE_SPACE, "mom2_update_weight": "loguniform:200,50000"}
+
     ARCH_DEFAULTS: ClassVar = {
         # GPT-J-6B (MEMIT paper / hparams/MEMIT/EleutherAI_gpt-j-6B.json).
         ("gptj", 28, 4096): dict(layers=(3, 4, 5, 6, 7, 8), v_num_grad_steps=25, v_lr=0.5,

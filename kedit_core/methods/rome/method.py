@@ -61,6 +61,10 @@ class RomeConfig(EditConfig):
     lti_last_kl_factor: float = hp(0.0325, "LTI: weight of the output KL to the teacher (ROME-LTI 0.0325)")
     lti_mid_kl_factor: float = hp(0.0625, "LTI: weight of the mid-layer logit-lens KL (ROME-LTI 0.0625)")
 
+    # `kedit tune`: the one edited block around the default, steps, and ROME's larger clamp
+    TUNE_SPACE: ClassVar = {"layers": "shift:-3,-2,-1,0,1,2,3", "v_num_grad_steps": "int:10,30",
+                            "clamp_norm_factor": "uniform:2,8"}
+
     ARCH_DEFAULTS: ClassVar = {
         ("gpt2", 48, 1600): dict(layers=(17,), v_num_grad_steps=20, clamp_norm_factor=4.0),
         ("gptj", 28, 4096): dict(layers=(5,), v_num_grad_steps=20, clamp_norm_factor=4.0),
