@@ -137,12 +137,8 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
         atomic_write_text(rec, json.dumps({"identity": ident, "config": cfg.to_dict()}, indent=1, default=list))
     tracker = Tracker(out, cfg.tracking_uri, cfg.experiment)
     cfg.tracking_uri = tracker.uri           # the cells' child runs go to the parent's store
-    parent = tracker.start("bench", {k: v for k, v in cfg.to_dict().items() if k != "set"}, {"kedit_bench": "parent"})
-    if parent is None:      # a slow store (a new SQLite file migrates first): the cells need the id to link to it
-        tracker.flush(max(120.0, tracker.flush_s))
-        parent = tracker.run_id
-        if parent is None:
-            log.warning("MLflow store %s did not answer: the cells' runs are not linked to a parent run", tracker.uri)
+    parent = tracker.start_parent("bench", {k: v for k, v in cfg.to_dict().items() if k != "set"},
+                                  {"kedit_bench": "parent"})
     cells = [(m, d) for d in cfg.data for m in cfg.methods]
     results: dict[str, dict] = {}
     todo = []

@@ -205,6 +205,18 @@ class Tracker:
         _, run_id = self._submit(lambda: self._open(name, params, tags), "opening the run")
         return run_id
 
+    def start_parent(self, name: str, params: dict, tags: dict, wait_s: float = 120.0) -> str | None:
+        """`start` for a run that child runs link to (kedit bench, kedit tune): their
+        `mlflow.parentRunId` needs its id, so a slow store (a new SQLite file migrates first)
+        is waited for up to wait_s; None (with a warning) when it still does not answer."""
+        run_id = self.start(name, params, tags)
+        if run_id is None:
+            self.flush(wait_s)
+            run_id = self.run_id
+            if run_id is None:
+                log.warning("MLflow store %s did not answer: child runs are not linked to a parent run", self.uri)
+        return run_id
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 

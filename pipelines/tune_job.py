@@ -373,12 +373,10 @@ def _run(cfg: TuneConfig, method, space: dict, split_info: dict, test, show_prog
     spec = ObjectiveSpec(**cfg.objective)
     tracker = Tracker(out, cfg.tracking_uri, cfg.experiment)
     cfg.tracking_uri = tracker.uri            # the trials' child runs go to the parent's store
-    parent = tracker.start("tune", {**{k: v for k, v in cfg.to_dict().items() if k not in ("set", "space")},
+    parent = tracker.start_parent("tune", {**{k: v for k, v in cfg.to_dict().items() if k not in ("set", "space")},
                                     "set": cfg.set, "space": {n: d.describe() for n, d in space.items()},
                                     "split_sha256": split_info["sha256"], "source_sha256": split_info["source_sha256"]},
                            {"kedit_tune": "parent"})
-    if parent is None and tracker.flush(60.0) == 0:     # a slow store (SQLite being created): the
-        parent = tracker.run_id                        # child runs need the parent's id
     base = {"out": cfg.out, "model": cfg.model, "method": cfg.method, "data": split_info["path"],
             "batch_size": cfg.batch_size, "stats_corpus": cfg.stats_corpus, "set": dict(cfg.set),
             "perplexity_texts": cfg.perplexity_texts, "tracking_uri": cfg.tracking_uri, "experiment": cfg.experiment,
