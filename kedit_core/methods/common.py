@@ -124,7 +124,7 @@ class ChunkLog:
     stream's subclass keeps them on disk (pipelines.checkpoint.BatchPartial) and resumes.
 
     start(bounds) -> bounds      the layout to use (a resumed batch: the saved one)
-    get_targets(j) / put_targets(j, z)
+    has_targets(j) / get_targets(j) / get_losses(j) / put_targets(j, z)
     get_sums(i) -> (chunks done, KK, KR) or None   put_sums(i, done, KK, KR)
     (i: the index of the edited layer in cfg.layers; done == number of chunks: complete)
     """
@@ -137,8 +137,14 @@ class ChunkLog:
         self.bounds = bounds
         return bounds
 
+    def has_targets(self, j: int) -> bool:
+        return j in self._z
+
     def get_targets(self, j: int) -> ZResult | None:
         return self._z.get(j)
+
+    def get_losses(self, j: int) -> tuple[list[float], list[int]]:
+        return self._z[j].losses, self._z[j].steps
 
     def put_targets(self, j: int, z: ZResult) -> None:
         self._z[j] = z
@@ -173,25 +179,32 @@ def spread_over_layers(backend: LocalBackend, requests: Sequence[EditRequest], c
     chunks = [list(requests[a:b]) for a, b in bounds]
     nl = len(cfg.layers)
     deltas: list[WeightDelta] = []
-    losses: dict[int, ZResult] = {}
+    reset = False
     for i, layer in enumerate(cfg.layers):
         share = 1.0 / (nl - i)
         saved = clog.get_sums(i)
+        if saved is not None and i == 0 and not all(clog.has_targets(j) for j in range(saved[0])):
+            log.warning("chunk targets behind the saved sums of the first pass are missing: redoing its sums")
+            saved, reset = None, True
+        if saved is not None and i > 0 and reset:
+            saved = None
         done, KK, KR = saved if saved is not None else (0, None, None)
         todo = range(done, len(chunks))
-        if i == 0:
-            # chunks whose targets survived (a resumed batch) need only their sums
-            have = {j: clog.get_targets(j) for j in todo}
-            jobs = [("layer_moments", (chunks[j], have[j].targets, layer, L, share)) if have[j] is not None
-                    else ("chunk_targets", (chunks[j], zcfg, layer, L, share)) for j in todo]
-            if done or any(v is not None for v in have.values()):
+        log.info("pass %d of %d (layer %d): %d chunks of ~%d requests%s", i + 1, nl, layer, len(chunks),
+                 math.ceil(len(requests) / len(chunks)), f", {done} done before" if done else "")
+        if i == 0:   # chunks whose targets survived (a resumed batch) need only their sums
+            have = [clog.has_targets(j) for j in todo]
+            if done or any(have):
                 log.info("resuming the batch's first pass: %d of %d chunks summed, %d more with targets",
-                         done, len(chunks), sum(v is not None for v in have.values()))
-            results = _map_mixed(backend, jobs)
+                         done, len(chunks), sum(have))
+            results = _map_mixed(backend, [
+                ("layer_moments", (lambda j=j: (chunks[j], clog.get_targets(j).targets, layer, L, share)))
+                if h else ("chunk_targets", (lambda j=j: (chunks[j], zcfg, layer, L, share)))
+                for j, h in zip(todo, have)])
         else:
             results = backend.map("layer_moments", ((chunks[j], clog.get_targets(j).targets) for j in todo),
                                   shared=(layer, L, share, _shared(backend, deltas)))
-        for j, res in zip(todo, results):
+        for j, res in zip(todo, _progress(results, len(todo), f"layer {layer}")):
             if i == 0 and len(res) == 3:
                 z, kk, kr = res
                 clog.put_targets(j, z)
@@ -203,13 +216,22 @@ def spread_over_layers(backend: LocalBackend, requests: Sequence[EditRequest], c
         delta = solve_layer(i, layer, KK, KR).float()
         del KK, KR
         deltas.append(WeightDelta(f"blocks.{layer}.mlp.out", dense=delta))  # the stable site name
-    zs = [clog.get_targets(j) for j in range(len(chunks))]
-    info = {"z_loss": [x for z in zs for x in z.losses], "z_steps": [x for z in zs for x in z.steps],
+    zs = [clog.get_losses(j) for j in range(len(chunks))]
+    info = {"z_loss": [x for z in zs for x in z[0]], "z_steps": [x for z in zs for x in z[1]],
             "chunks": len(chunks)}
     targets = clog.all_targets()
     if targets is not None:
         info["targets"] = targets
     return deltas, info
+
+
+def _progress(it, total: int, what: str):
+    """A progress bar over the chunks of a pass, for batches of more than a few chunks."""
+    if total < 4:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total, desc=f"chunks, {what}", unit="chunk", leave=False)
 
 
 def _shared(backend, deltas):
@@ -218,16 +240,16 @@ def _shared(backend, deltas):
     return share(list(deltas)) if share is not None else list(deltas)
 
 
-def _map_mixed(backend, jobs: list[tuple[str, tuple]]) -> Iterator:
-    """backend.map over jobs of two kinds, in order (runs of one kind at a time)."""
+def _map_mixed(backend, jobs: list[tuple[str, Callable[[], tuple]]]) -> Iterator:
+    """backend.map over jobs of two kinds, in order (runs of one kind at a time); each job's
+    arguments are built when it is submitted."""
     k = 0
     while k < len(jobs):
-        m = jobs[k][0]
-        run = []
+        m, run = jobs[k][0], []
         while k < len(jobs) and jobs[k][0] == m:
             run.append(jobs[k][1])
             k += 1
-        yield from backend.map(m, run)
+        yield from backend.map(m, (make() for make in run))
 
 
 def optimize_in_chunks(lm: LoadedModel, requests: Sequence[EditRequest], zcfg: ZOptConfig,
