@@ -240,7 +240,8 @@ class EditStream:
             self.worker_plan = plan_workers(nodes, requested=cfg.workers, device=cfg.device, driver_node=me)
             log.info("workers: %s", self.worker_plan.reason)
             atomic_write_text(self.out / "worker_plan.json", json.dumps(self.worker_plan.to_dict(), indent=1))
-            torch.set_num_threads(self.worker_plan.driver_threads)
+            if me in {n["id"] for n in nodes}:   # the driver runs on a node of the cluster
+                torch.set_num_threads(self.worker_plan.driver_threads)
             use_ray = self.worker_plan.workers > 0
         lm = load(cfg.model, dtype=cfg.dtype, device=cfg.device, zero3=cfg.zero3, ds_config=cfg.ds_config)
         self.stats_throughput = None
