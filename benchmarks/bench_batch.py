@@ -70,7 +70,7 @@ def batch_run(method: str, n: int, a) -> dict:
 def stream_run(kind: str, a) -> dict:
     """The quickstart's edits: kind 'edit-local' (one process, as `kedit edit-local`), or
     'ray-auto' / 'ray-2' (the stream with workers=auto / 2)."""
-    sets = {"L2": "1.0"}
+    sets = {"L2": "1.0", **dict(s.split("=", 1) for s in a.set)}
     if kind == "edit-local":
         from kedit_core import Editor
         from kedit_core.data import load_requests
