@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ["Paris is the capital of France and a centre of art.",
           "The Colosseum is an ancient amphitheatre in the centre of Rome.",
           "Tokyo is the capital of Japan.", "Edits change facts in models."]
-HP = {"layers": (1, 2), "v_num_grad_steps": 4}
+HP = {"layers": (1, 2), "v_num_grad_steps": 3}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def lm():
 
 @pytest.fixture(scope="module")
 def reqs():
-    return load_builtin().requests[:7]
+    return load_builtin().requests[:5]
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,8 @@ def test_chunk_bounds():
                                           ("alphaedit", {"nullspace_threshold": 1e-3, "L2": 1.0})])
 def test_chunked_batch_equals_unchunked(lm, reqs, stats, method, extra):
     whole, s_whole = _run(lm, reqs, stats, method, 0, extra)
-    parts, s_parts = _run(lm, reqs, stats, method, 2, extra)       # 4 chunks of 1-2 requests
-    assert whole.info["chunks"] == 1 and parts.info["chunks"] == 4
+    parts, s_parts = _run(lm, reqs, stats, method, 2, extra)       # 3 chunks of 1-2 requests
+    assert whole.info["chunks"] == 1 and parts.info["chunks"] == 3
     for a, b in zip(whole.deltas, parts.deltas):
         assert a.site == b.site and float(a.matrix().norm()) > 0
         torch.testing.assert_close(b.matrix(), a.matrix(), rtol=1e-4, atol=1e-6)
@@ -98,8 +98,8 @@ class _Counting(ChunkLog):
 def test_sums_are_taken_chunk_by_chunk_in_order(lm, reqs, stats):
     log = _Counting()
     _run(lm, reqs, stats, "memit", 3, {"mom2_update_weight": 50.0}, log=log)
-    assert log.bounds == [(0, 2), (2, 5), (5, 7)]
-    assert log.sums == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert log.bounds == [(0, 2), (2, 5)]
+    assert log.sums == [(0, 1), (0, 2), (1, 1), (1, 2)]
 
 
 # ------------------------------------------------------------------ the chunk log on disk
