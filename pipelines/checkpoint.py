@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,3 +178,139 @@ def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
         h.update(str(t.dtype).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+# ------------------------------------------------------------------ a batch in progress
+class BatchPartial:
+    """The chunk log (kedit_core.methods.common.ChunkLog) of the batch in progress, on disk,
+    so that a batch killed after hours of target optimisation resumes with only the chunks
+    not done. RUN_DIR/partial/ holds
+
+      batch.json                    the batch's identity (run identity hash, batch index, the
+                                    edited weights' hash at its start) and its chunk layout
+      targets-00012.{json,safetensors}   chunk 12's target vectors, losses, steps (written
+                                    once per chunk, as soon as it is optimised)
+      sums-1.{json,safetensors}     the running sums K K^T, K R^T of the pass over edited
+                                    layer 1 and how many chunks they cover (at most every
+                                    `every_s` seconds, and when the pass is complete)
+
+    Each record is a safetensors file named by its content's sha256 and a JSON file written
+    after it (atomically) that names it and holds its sha256: a reader sees the previous
+    record or the new one, and verifies the checksum (a damaged record is ignored with a
+    warning, its chunks are recomputed). A log of another batch (another identity) is
+    discarded when a batch starts; `clear()` removes it once the batch is checkpointed.
+    Chunks whose targets were saved but whose sums were not need only a key pass on resume.
+    """
+
+    def __init__(self, run_dir: str | Path, key: dict, every_s: float = 60.0):
+        self.root = Path(run_dir) / "partial"
+        self.key = json.loads(json.dumps(key, sort_keys=True))
+        self.every_s = every_s
+        self.bounds = None
+        self._last: dict[int, float] = {}
+        self.resumed = {"sums": {}, "targets": 0}
+
+    # -------------------------------------------------------------- the ChunkLog interface
+    def start(self, bounds: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        from kedit_core.io import atomic_write_json
+
+        saved = self._read_json(self.root / "batch.json")
+        if saved is not None and saved.get("key") == self.key:
+            self.bounds = [tuple(b) for b in saved["bounds"]]
+            self.resumed["targets"] = sum(self.has_targets(j) for j in range(len(self.bounds)))
+            log.info("batch %s: resuming its chunk log (%d chunks, %d with targets)", self.key.get("batch"),
+                     len(self.bounds), self.resumed["targets"])
+            return self.bounds
+        if self.root.exists():
+            if saved is not None:
+                log.info("discarding the chunk log of another batch (%s)", saved.get("key", {}).get("batch"))
+            shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.bounds = [tuple(b) for b in bounds]
+        atomic_write_json(self.root / "batch.json", {"key": self.key, "bounds": self.bounds}, indent=1)
+        return self.bounds
+
+    def has_targets(self, j: int) -> bool:
+        return (self.root / f"targets-{j:05d}.json").is_file() and self._read(f"targets-{j:05d}") is not None
+
+    def get_targets(self, j: int):
+        from kedit_core.zopt import ZResult
+
+        rec = self._read(f"targets-{j:05d}")
+        if rec is None:
+            return None
+        t, meta = rec
+        return ZResult(targets=t["targets"], init=t["init"], losses=meta["losses"], steps=meta["steps"])
+
+    def get_losses(self, j: int) -> tuple[list, list]:
+        meta = self._read_json(self.root / f"targets-{j:05d}.json")["meta"]
+        return meta["losses"], meta["steps"]
+
+    def put_targets(self, j: int, z) -> None:
+        self._write(f"targets-{j:05d}", {"targets": z.targets, "init": z.init},
+                    {"losses": list(z.losses), "steps": list(z.steps)})
+
+    def get_sums(self, i: int):
+        rec = self._read(f"sums-{i}")
+        if rec is None:
+            return None
+        t, meta = rec
+        self.resumed["sums"][i] = meta["done"]
+        return meta["done"], t["KK"], t["KR"]
+
+    def put_sums(self, i: int, done: int, KK: torch.Tensor, KR: torch.Tensor) -> None:
+        now = time.monotonic()
+        complete = done == len(self.bounds)
+        if not complete and now - self._last.setdefault(i, now) < self.every_s:
+            return
+        self._write(f"sums-{i}", {"KK": KK, "KR": KR}, {"done": done})
+        self._last[i] = time.monotonic()
+
+    def all_targets(self):
+        return None   # on disk; never materialised for the whole batch
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -------------------------------------------------------------- records
+    def _write(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        from kedit_core.io import atomic_file, atomic_write_json
+
+        tmp = self.root / f".{name}.building.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        digest = sha256_file(tmp)
+        final = self.root / f"{name}-{digest[:16]}.safetensors"
+        with atomic_file(final) as p:
+            os.replace(tmp, p)
+        atomic_write_json(self.root / f"{name}.json", {"file": final.name, "sha256": digest,
+                                                        "bytes": final.stat().st_size, "meta": meta,
+                                                        "key": self.key}, indent=1)
+        for old in self.root.glob(f"{name}-*.safetensors"):   # the records this one replaces
+            if old != final:
+                old.unlink(missing_ok=True)
+
+    def _read(self, name: str):
+        rec = self._read_json(self.root / f"{name}.json")
+        if rec is None:
+            return None
+        f = self.root / str(rec.get("file", ""))
+        if rec.get("key") != self.key:
+            why = "it belongs to another batch"
+        elif not f.is_file():
+            why = f"{f.name} is missing"
+        elif f.stat().st_size != rec.get("bytes") or sha256_file(f) != rec.get("sha256"):
+            why = f"{f.name} does not match its sha256"
+        else:
+            return load_file(str(f)), rec["meta"]
+        log.warning("chunk record %s is unusable (%s); its chunks are recomputed", self.root / f"{name}.json", why)
+        return None
+
+    @staticmethod
+    def _read_json(path: Path):
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            log.warning("unreadable chunk record %s; ignored", path)
+            return None

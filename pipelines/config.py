@@ -24,7 +24,8 @@ class RunConfig:
     data: str = "builtin"                 # a dataset file, or "builtin"
     limit: int | None = None
     batch_size: int = 10
-    workers: int = 1                      # EditWorker actors (0: no Ray actors, edit in the driver)
+    workers: int | str = "auto"           # EditWorker actors: "auto" (from the resources Ray reports:
+                                          # pipelines.workers.plan_workers), or N (0: no Ray, edit in the driver)
     eval_every: int = 10                  # evaluate every N edits (0: only at the start and end)
     eval_limit: int | None = None         # evaluate "all edits so far" on at most N of them (a strided sample)
     checkpoint_every: int = 1             # checkpoint every k batches
@@ -41,7 +42,9 @@ class RunConfig:
     zsre_convention: str = "mend"         # zsRE files: "mend" (alt is the new target) or "memit" (answers[0])
     skip_invalid: bool = False
     strict: bool = False                  # refuse duplicate case ids in the dataset (default: a warning)
-    zopt_chunk: int = 64                  # requests optimised together inside a worker (bounded memory)
+    zopt_chunk: int = 64                  # requests per chunk of a batch (one worker call; bounded memory)
+    chunk_checkpoint_s: float = 60.0      # a batch in progress saves its running sums at most this often
+                                          # (0: after every chunk; targets are saved for every chunk)
     tracking_uri: str | None = None       # default: sqlite in the output directory's parent
     experiment: str = "kedit"
     parent_run_id: str | None = None      # an MLflow parent run (kedit bench: one child run per cell)
@@ -73,6 +76,12 @@ def _coerce(name: str, value: Any, where: str | None) -> Any:
     if value is None:
         return None
     try:
+        if name == "workers":
+            if isinstance(value, str) and value.strip().lower() == "auto":
+                return "auto"
+            if isinstance(value, bool):
+                raise TypeError
+            return int(value)
         if name == "set":
             if not isinstance(value, dict):
                 raise TypeError
@@ -136,9 +145,9 @@ def build(file: str | Path | None = None, **flags: Any) -> RunConfig:
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise BadInputError(f"must be at least 1, got {v}", file=where, field=name)
-    for name in ("workers", "limit", "eval_every", "perplexity_texts", "zopt_chunk"):
+    for name in ("workers", "limit", "eval_every", "perplexity_texts", "zopt_chunk", "chunk_checkpoint_s"):
         v = getattr(cfg, name)
-        if v is not None and v < 0:
+        if v is not None and v != "auto" and v < 0:
             raise BadInputError(f"must be 0 or more, got {v}", file=where, field=name)
     for name in ("model", "method", "data", "dtype", "device", "experiment"):
         if not str(getattr(cfg, name)).strip():

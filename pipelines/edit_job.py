@@ -5,9 +5,18 @@
     solve on the driver, apply, broadcast the delta to the replicas, checkpoint, evaluate
     at the cadence (MLflow, step = edits applied) -> final table, plots, summary.
 
-A very large batch (10,000 MEMIT requests) goes through the same path: each worker
-optimises its share in chunks of `zopt_chunk` requests and returns only sums (K K^T, K R^T),
-so memory does not grow with the batch.
+A very large batch (10,000 MEMIT requests) goes through the same path: the batch is cut
+into chunks of `zopt_chunk` requests, each chunk is one worker call that returns only sums
+(K K^T, K R^T, float64), and the driver adds them in chunk order, so neither the driver's nor
+a worker's memory grows with the batch beyond the d x d sums (kedit_core.methods.common).
+The chunks' targets and the running sums are saved in RUN_DIR/partial/ as they come
+(pipelines.checkpoint.BatchPartial): a batch killed mid-way resumes with only the chunks not
+done and ends with the same deltas.
+
+Workers: `workers: auto` (the default) chooses EditWorker actors and torch threads from the
+resources Ray reports (pipelines.workers.plan_workers: one per GPU; on CPUs workers x threads
+<= cores on every node); the choice is logged, written to RUN_DIR/worker_plan.json and MLflow,
+and is not part of the run's identity.
 
 Resume: the run directory holds run.json (the config and its identity) and checkpoints/;
 re-running the same command, or `kedit edit --resume RUN_DIR`, continues after the last
@@ -96,6 +105,7 @@ class EditStream:
         if not cfg.out:
             raise BadInputError("an output directory is required", field="out")
         self.cfg, self.out, self.show_progress = cfg, Path(cfg.out), show_progress
+        self.worker_plan = None
 
     # ---------------------------------------------------------------- set-up
     def _requests(self) -> list:
@@ -168,7 +178,7 @@ class EditStream:
         specs = store.specs(lm, sites, corpus, n_samples=mcfg.mom2_n_samples, max_length=mcfg.mom2_max_length)
         if all(store.load(s) is not None for s in specs.values()):   # present AND verified
             return
-        workers = self.cfg.stats_workers or max(1, self.cfg.workers)
+        workers = self.cfg.stats_workers or max(1, self.worker_plan.workers if self.worker_plan else 1)
         res = run_stats(lm, sites, corpus, n_samples=mcfg.mom2_n_samples, max_length=mcfg.mom2_max_length,
                         workers=workers, store=store, model_spec=self.cfg.model, dtype=self.cfg.dtype,
                         device=self.cfg.device, show_progress=self.show_progress,
@@ -219,11 +229,20 @@ class EditStream:
         corpus = open_corpus(cfg.stats_corpus)
         corpus_ident = {"id": corpus.id, "hash": corpus.content_hash()}
         self._check_config(config_identity(cfg, data_hash=dhash, corpus=corpus_ident))
-        use_ray = cfg.workers > 0
+        use_ray = cfg.workers != 0
+        self.worker_plan = None
         if use_ray:
             from pipelines.raycluster import init_ray
+            from pipelines.workers import cluster_nodes, plan_workers
 
             init_ray(cfg.ray_address)
+            nodes, me = cluster_nodes()
+            self.worker_plan = plan_workers(nodes, requested=cfg.workers, device=cfg.device, driver_node=me)
+            log.info("workers: %s", self.worker_plan.reason)
+            atomic_write_text(self.out / "worker_plan.json", json.dumps(self.worker_plan.to_dict(), indent=1))
+            if me in {n["id"] for n in nodes}:   # the driver runs on a node of the cluster
+                torch.set_num_threads(self.worker_plan.driver_threads)
+            use_ray = self.worker_plan.workers > 0
         lm = load(cfg.model, dtype=cfg.dtype, device=cfg.device, zero3=cfg.zero3, ds_config=cfg.ds_config)
         self.stats_throughput = None
         if use_ray:
@@ -267,7 +286,8 @@ class EditStream:
 
         tracker.start(self.out.name, {**{k: v for k, v in cfg.to_dict().items() if k != "set"},
                                       "hparams": ed.cfg.to_dict(), "data_hash": dhash,
-                                      "n_requests": len(reqs), "model_hash": lm.fingerprint()},
+                                      "n_requests": len(reqs), "model_hash": lm.fingerprint(),
+                                      "worker_plan": self.worker_plan.to_dict() if self.worker_plan else None},
                       {"kedit_version": __version__, "git_sha": git_sha(), "identity_hash": ihash,
                        **({"mlflow.parentRunId": cfg.parent_run_id} if cfg.parent_run_id else {})})
         self._relog(tracker, rows, records)
@@ -292,12 +312,12 @@ class EditStream:
                 from pipelines.workers import RayBackend, start_edit_workers
 
                 t0 = time.perf_counter()
-                workers = start_edit_workers(cfg.workers, cfg.model, cfg.dtype, cfg.device, cfg.zopt_chunk,
+                workers = start_edit_workers(self.worker_plan, cfg.model, cfg.dtype, cfg.device, cfg.zopt_chunk,
                                              zero3=cfg.zero3, ds_config=cfg.ds_config, fingerprint=lm.fingerprint(),
                                              max_restarts=cfg.actor_max_restarts,
                                              start_timeout_s=cfg.actor_start_timeout_s)
                 backend = RayBackend(workers, lambda: read_weights(ed.lm, ed.applier.originals, "cpu"),
-                                     call_timeout_s=cfg.actor_call_timeout_s)
+                                     call_timeout_s=cfg.actor_call_timeout_s, chunk=self._chunk(ed))
                 if start:
                     backend.load_all(start)
                 log.info("%d EditWorker replicas ready in %.1fs", len(workers), time.perf_counter() - t0)
@@ -310,6 +330,9 @@ class EditStream:
                     ray.kill(w)
             raise
         self.backend = backend
+        from kedit_core.methods.common import LocalBackend
+
+        compute = backend if backend is not None else LocalBackend(ed.lm, self._chunk(ed))
 
         try:
             if start == 0 and not rows:
@@ -318,7 +341,8 @@ class EditStream:
             bar = tqdm(total=len(batches), initial=start, desc=f"{cfg.method} stream", unit="batch",
                        disable=not self.show_progress)
             for b in range(start, len(batches)):
-                rec = ed.edit_batch(batches[b], backend)
+                compute.log = self._partial(ed, ihash, b)
+                rec = ed.edit_batch(batches[b], compute)
                 rec.pop("memory", None)   # held by ed.memory, checkpointed through ed.state_dict()
                 if backend is not None:
                     backend.broadcast(rec.pop("deltas"))
@@ -336,6 +360,8 @@ class EditStream:
                     rows.append(row)
                 if (b + 1) % cfg.checkpoint_every == 0 or last:
                     self._checkpoint(ckm, ed, b + 1, edits, ident, ihash, rows, records)
+                compute.log.clear()   # the batch is done (and checkpointed, or redone on resume)
+                compute.log = None
                 # One call per step: a key (seconds_per_edit is in both) is logged once per step.
                 tracker.log_metrics({**(row or {}), **per_batch}, step=edits)
                 bar.update(1)
@@ -355,6 +381,18 @@ class EditStream:
                     ray.kill(w)
 
     # ---------------------------------------------------------------- pieces
+    def _chunk(self, ed) -> int:
+        """Requests per chunk of a batch: the method's own v_batch_size when set, else zopt_chunk."""
+        return getattr(ed.cfg, "v_batch_size", 0) or self.cfg.zopt_chunk
+
+    def _partial(self, ed, ihash: str, b: int):
+        """The on-disk chunk log of batch b, named by the run, the batch and the weights it starts from."""
+        from pipelines.checkpoint import BatchPartial
+
+        key = {"identity_hash": ihash, "batch": b,
+               "weights_hash": tensors_hash(read_weights(ed.lm, ed.applier.originals))}
+        return BatchPartial(self.out, key, every_s=self.cfg.chunk_checkpoint_s)
+
     @staticmethod
     def _cumulative_norms(ed) -> dict[str, float]:
         cur = read_weights(ed.lm, ed.applier.originals)

@@ -19,9 +19,11 @@ writes checkpoints between batches, so the run directory stays resumable.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -119,8 +121,11 @@ class EditWorker:
         return os.getpid()
 
     def describe(self) -> dict:
+        import resource
+
         return {"pid": os.getpid(), "device": str(self.lm.device), "zero3": self.lm.zero3,
-                "source": self.lm.source, "version": self.version}
+                "source": self.lm.source, "version": self.version, "threads": torch.get_num_threads(),
+                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def _check(self, version: int) -> None:
         self._refuse()
@@ -157,9 +162,14 @@ class EditWorker:
         self._check(version)
         return self.backend.targets(requests, zcfg)
 
-    def layer_moments(self, version: int, requests, targets, layer, last, share, applied):
+    def layer_moments(self, version: int, requests, targets, layer, last, share, applied=()):
         self._check(version)
         return self.backend.layer_moments(requests, targets, layer, last, share, applied)
+
+    def chunk_targets(self, version: int, requests, zcfg, layer, last, share):
+        """A chunk's targets and the first edited layer's sums (K K^T, K R^T): one call."""
+        self._check(version)
+        return self.backend.chunk_targets(requests, zcfg, layer, last, share)
 
     def key_moments(self, version: int, requests, layers, applied):
         self._check(version)
@@ -167,16 +177,75 @@ class EditWorker:
 
 
 class RayBackend:
-    """methods.common.LocalBackend's interface, sharded over EditWorker actors: each gets a
-    contiguous share of the batch; targets are concatenated and moments added (float64) in
-    share order, so the result does not depend on which worker finishes first."""
+    """methods.common.LocalBackend's interface over EditWorker actors. A batch is cut into
+    chunks of `chunk` requests (at least one per worker, kedit_core.methods.common.
+    chunk_bounds); `map` sends them round-robin with at most `depth` calls in flight per
+    worker, and yields the results in chunk order, so the driver adds the sums (float64) in
+    an order that does not depend on which worker finishes first, and holds no more than
+    the calls in flight. `log`: the batch's ChunkLog (the stream sets one per batch)."""
 
-    def __init__(self, workers: list, snapshot, *, call_timeout_s: float = 3600.0):
+    def __init__(self, workers: list, snapshot, *, call_timeout_s: float = 3600.0, chunk: int = 64,
+                 depth: int = 2):
         self.workers = workers
         self.snapshot = snapshot        # () -> {site: current weight} of the driver
         self.version = 0
         self.recoveries = 0
         self.call_timeout_s = call_timeout_s
+        self.chunk, self.depth, self.log = chunk, depth, None
+
+    @property
+    def parallel(self) -> int:
+        return len(self.workers)
+
+    def share(self, obj):
+        """One object for every call of a pass (the earlier layers' deltas): put once."""
+        import ray
+
+        return ray.put(obj)
+
+    def map(self, method: str, jobs, shared: tuple = ()):
+        """`method(version, *job, *shared)` on the workers, round-robin, results in job order."""
+        from collections import deque
+
+        jobs = iter(jobs)
+        pending: deque = deque()
+        k = 0
+
+        def submit() -> bool:
+            nonlocal k
+            job = next(jobs, None)
+            if job is None:
+                return False
+            w = self.workers[k % len(self.workers)]
+            k += 1
+            args = (*job, *shared)
+            pending.append((w, args, getattr(w, method).remote(self.version, *args)))
+            return True
+
+        while len(pending) < self.depth * len(self.workers) and submit():
+            pass
+        while pending:
+            w, args, ref = pending.popleft()
+            out = self._result(w, method, args, ref)
+            submit()
+            yield out
+
+    def _result(self, w, method: str, args: tuple, ref):
+        """The result of one call; a stale replica is given the current weights and the call
+        is repeated."""
+        import ray
+
+        for attempt in range(3):
+            try:
+                return self._get(ref, method)
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, WorkerFailure):
+                    raise WorkerFailure(str(e.cause)) from None
+                if not isinstance(e.cause, StaleReplica) or attempt == 2:
+                    raise
+                log.warning("worker replica is stale (%s): sending it the current weights", e.cause)
+                self._reload(w)
+                ref = getattr(w, method).remote(self.version, *args)
 
     def _get(self, refs, what: str):
         return ray_get(refs, self.call_timeout_s, f"EditWorker {what}")
@@ -199,26 +268,9 @@ class RayBackend:
                 for i in range(w) if bounds[i + 1] > bounds[i]]
 
     def _call(self, method: str, jobs: list[tuple[object, tuple]]) -> list:
-        """Run `method` on each (worker, args); a stale replica is given the current
-        weights and the call is repeated."""
-        import ray
-
+        """Run `method` on each (worker, args), all at once (see `_result`)."""
         refs = [getattr(w, method).remote(self.version, *args) for w, args in jobs]
-        out = []
-        for (w, args), ref in zip(jobs, refs):
-            for attempt in range(3):
-                try:
-                    out.append(self._get(ref, method))
-                    break
-                except ray.exceptions.RayTaskError as e:
-                    if isinstance(e.cause, WorkerFailure):
-                        raise WorkerFailure(str(e.cause)) from None
-                    if not isinstance(e.cause, StaleReplica) or attempt == 2:
-                        raise
-                    log.warning("worker replica is stale (%s): sending it the current weights", e.cause)
-                    self._reload(w)
-                    ref = getattr(w, method).remote(self.version, *args)
-        return out
+        return [self._result(w, method, args, ref) for (w, args), ref in zip(jobs, refs)]
 
     def broadcast(self, deltas) -> None:
         """After the driver applied `deltas`: bring every replica to the next version."""
@@ -255,6 +307,10 @@ class RayBackend:
         return ZResult(targets=torch.cat([p.targets for p in parts]), init=torch.cat([p.init for p in parts]),
                        losses=[x for p in parts for x in p.losses], steps=[x for p in parts for x in p.steps])
 
+    def chunk_targets(self, requests, zcfg, layer, last, share):
+        (out,) = self.map("chunk_targets", [(list(requests), zcfg, layer, last, share)])
+        return out
+
     def layer_moments(self, requests, targets, layer, last, share, applied=()):
         import ray
 
@@ -277,24 +333,102 @@ class RayBackend:
         return {l: sum((p[l] for p in parts[1:]), parts[0][l]) for l in layers}
 
 
-def start_edit_workers(n: int, model: str, dtype: str, device: str, chunk: int, *, zero3: bool = False,
-                       ds_config=None, fingerprint: str | None = None, max_restarts: int = 3,
-                       start_timeout_s: float = 600.0) -> list:
-    """n EditWorker actors (one GPU each when the cluster has enough, else one CPU each),
-    restarted by Ray at most `max_restarts` times if their process dies (their calls are
-    retried); each must load the weights whose fingerprint is `fingerprint` within
-    `start_timeout_s`. A worker that cannot start is killed with the others and raises
-    WorkerFailure (or the worker's BadInputError)."""
+# ------------------------------------------------------------------ how many workers, how many threads
+MAX_THREADS_PER_WORKER = 8   # a CPU node with more cores gets several replicas (data parallel over chunks)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """EditWorker actors and torch threads for a cluster (`plan_workers`)."""
+
+    workers: int
+    threads: int           # torch threads per worker (= the CPUs Ray reserves for it)
+    gpus: int              # GPUs per worker (0 or 1)
+    driver_threads: int    # torch threads of the driver
+    reason: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def plan_workers(nodes: Sequence[dict], *, requested: int | str = "auto", device: str = "auto",
+                 driver_node: str | None = None, max_threads: int = MAX_THREADS_PER_WORKER) -> WorkerPlan:
+    """Workers and threads from the resources Ray reports, as pure logic. `nodes`: one dict
+    per alive node, {"id", "CPU", "GPU"}; `driver_node`: the id of the driver's node (default:
+    the first).
+
+    auto, GPUs (device not "cpu"): one worker per GPU, each with its node's CPUs / GPUs
+    threads (the smallest over GPU nodes).
+    auto, CPUs: T = min(max_threads, the smallest node's CPUs) threads per worker and
+    floor(CPUs / T) workers on each node, so workers x threads <= cores on every node. The
+    driver shares its node's cores by time: it waits while the workers compute (target
+    optimisation, keys) and the workers wait while it solves, checkpoints and evaluates,
+    so it keeps all its node's cores (driver_threads) and reserves none; one small machine
+    gets one worker with all its cores.
+    An explicit number: that many workers (GPUs when there are enough), CPUs shared equally
+    (a warning when that oversubscribes: more workers than cores)."""
+    nodes = [n for n in nodes if n.get("CPU", 0) > 0 or n.get("GPU", 0) > 0]
+    if not nodes:
+        raise WorkerFailure("Ray reports no node with CPUs or GPUs")
+    driver = next((n for n in nodes if n.get("id") == driver_node), nodes[0])
+    dcpu = max(1, int(driver.get("CPU", 1)))
+    cpus = sum(int(n.get("CPU", 0)) for n in nodes)
+    gpus = sum(int(n.get("GPU", 0)) for n in nodes)
+    gpu_nodes = [n for n in nodes if int(n.get("GPU", 0)) > 0]
+    gpu_threads = max(1, min((int(n.get("CPU", 0)) // int(n["GPU"]) for n in gpu_nodes), default=1))
+    where = f"{len(nodes)} node(s), {cpus} CPUs, {gpus} GPUs"
+    if requested != "auto":
+        n = int(requested)
+        if n < 0:
+            raise ValueError(f"workers must be 0 or more, got {n}")
+        if n == 0:
+            return WorkerPlan(0, 0, 0, dcpu, f"workers=0: the driver edits alone with {dcpu} threads ({where})")
+        if device != "cpu" and gpus >= n:
+            return WorkerPlan(n, gpu_threads, 1, dcpu, f"workers={n}: one GPU each ({where})")
+        per = max(1, cpus // n)
+        why = f"workers={n}: {per} CPU thread(s) each ({where})"
+        if n * per > cpus:
+            why += f"; {n} workers on {cpus} cores oversubscribe them: use workers=auto"
+            log.warning(why)
+        return WorkerPlan(n, per, 0, dcpu, why)
+    if device != "cpu" and gpus:
+        return WorkerPlan(gpus, gpu_threads, 1, dcpu, f"auto: one worker per GPU, {gpu_threads} threads each ({where})")
+    t = max(1, min(max_threads, min(int(n.get("CPU", 0)) for n in nodes if n.get("CPU", 0) > 0)))
+    w = sum(int(n.get("CPU", 0)) // t for n in nodes)
+    return WorkerPlan(w, t, 0, dcpu, f"auto: {w} worker(s) x {t} threads, floor(cores / {t}) per node; the driver "
+                                     f"time-shares its node's {dcpu} cores ({where})")
+
+
+def cluster_nodes() -> tuple[list[dict], str | None]:
+    """The alive nodes' resources as `plan_workers` reads them, and the driver's node id."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = device != "cpu" and gpus >= n
-    cpus = ray.cluster_resources().get("CPU", 1)
-    per = 1 if use_gpu else max(1, int(cpus // max(n, 1)))
-    cls = ray.remote(EditWorker).options(num_cpus=per, num_gpus=1 if use_gpu else 0,
+    nodes = [{"id": n["NodeID"], "CPU": n["Resources"].get("CPU", 0), "GPU": n["Resources"].get("GPU", 0)}
+             for n in ray.nodes() if n.get("Alive")]
+    try:
+        me = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001
+        me = None
+    return nodes, me
+
+
+def start_edit_workers(n: "int | WorkerPlan", model: str, dtype: str, device: str, chunk: int, *,
+                       zero3: bool = False, ds_config=None, fingerprint: str | None = None, max_restarts: int = 3,
+                       start_timeout_s: float = 600.0) -> list:
+    """The EditWorker actors of a WorkerPlan (an int n: `plan_workers(requested=n)` on this
+    cluster), each reserving `threads` CPUs (its torch threads) and `gpus` GPUs, restarted by
+    Ray at most `max_restarts` times if their process dies (their calls are retried); each
+    must load the weights whose fingerprint is `fingerprint` within `start_timeout_s`. A
+    worker that cannot start is killed with the others and raises WorkerFailure (or the
+    worker's BadInputError)."""
+    import ray
+
+    plan = n if isinstance(n, WorkerPlan) else plan_workers(cluster_nodes()[0], requested=n, device=device)
+    use_gpu = plan.gpus > 0
+    cls = ray.remote(EditWorker).options(num_cpus=plan.threads, num_gpus=plan.gpus,
                                          max_restarts=max_restarts, max_task_retries=-1)
     workers = [cls.remote(model, dtype, "cuda" if use_gpu else "cpu", chunk, zero3, ds_config, fingerprint)
-               for _ in range(n)]
+               for _ in range(plan.workers)]
     try:   # wait until every replica is loaded (and holds the driver's weights)
         try:
             ray_get([w.ready.remote() for w in workers], start_timeout_s, "starting EditWorker replicas")

@@ -17,7 +17,13 @@ def add_parser(sub) -> None:
     p.add_argument("--data", default=None, help="edit dataset file, or 'builtin'")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="EditWorker actors (0: edit in the driver)")
+    p.add_argument("--workers", default=None,
+                   help="EditWorker actors: auto (the default: one per GPU, else cores / threads from what Ray "
+                        "reports) or N (0: edit in the driver)")
+    p.add_argument("--zopt-chunk", type=int, default=None,
+                   help="requests per chunk of a batch: one worker call, returning only d x d sums (default 64)")
+    p.add_argument("--chunk-checkpoint-s", type=float, default=None,
+                   help="a batch in progress saves its chunk sums at most this often (default 60; 0: every chunk)")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N edits")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N of the edits so far")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every k batches")
@@ -102,7 +108,8 @@ def config_from_args(args):
                                            "perplexity_corpus", "zsre_convention",
                                            "tracking_uri", "experiment", "ray_address", "skip_invalid",
                                            "strict", "zero3", "ds_config", "tracking_timeout_s", "tracking_flush_s",
-                                           "actor_start_timeout_s", "actor_call_timeout_s", "actor_max_restarts")}
+                                           "actor_start_timeout_s", "actor_call_timeout_s", "actor_max_restarts",
+                                           "zopt_chunk", "chunk_checkpoint_s")}
     file = args.config
     if args.resume:
         saved = read_run_json(args.resume)

@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--config", default=str(JOB), help="job config (default: %(default)s)")
     p.add_argument("--out", default=None, help="run directory (default: runs/quickstart-<time>)")
     p.add_argument("--limit", type=int, default=None, help="edits (default: the config's 100)")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", default=None,
+                   help="EditWorker actors (default: the config's auto, chosen from the resources Ray reports)")
     p.add_argument("--model", default=None)
     p.add_argument("--method", default=None)
     p.add_argument("--show", type=int, default=5, help="edited facts to show (default: %(default)s)")
@@ -42,9 +43,11 @@ def run(args) -> int:
     out = args.out or f"runs/quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = build(args.config, out=out, limit=args.limit, workers=args.workers, model=args.model, method=args.method)
     console.print(f"model [bold]{cfg.model}[/], method [bold]{cfg.method}[/], {cfg.limit} built-in edits in batches "
-                  f"of {cfg.batch_size}, {cfg.workers} Ray workers; run directory {out}")
+                  f"of {cfg.batch_size}, workers {cfg.workers}; run directory {out}")
     stream = EditStream(cfg)
     result = stream.run()
+    if stream.worker_plan is not None:
+        console.print(f"workers: {stream.worker_plan.reason}")
     post, pre = result["post"], result["pre"]
 
     m = Table(title=f"{result['n_edits']} edits, metrics over all of them")

@@ -16,8 +16,12 @@ Deviations from the reference code (jianghoucheng/AlphaEdit):
   it is cached in the statistics store beside its moment;
 * the solve is float64 (the reference solves in float32 on the GPU);
 * the accumulated K_p K_p^T is float64 and is part of the state, saved with checkpoints.
-As in the reference, the keys added to K_p K_p^T are recomputed after the batch's update,
-and keys weigh the bare prompt 1/2 and the sampled prefixes 1/2 (MEMIT's compute_ks).
+As in the reference, the keys added to K_p K_p^T are those after the batch's update, and
+keys weigh the bare prompt 1/2 and the sampled prefixes 1/2 (MEMIT's compute_ks). A key at
+layer l is read before layer l's MLP output projection, so it depends only on the updates of
+the layers before l: with ascending layers (as in every reference config) the K K^T of layer
+l's solve IS the moment after the whole update, and is added without another pass over the
+batch (a test checks it against the recomputed keys); unsorted layers recompute them.
 """
 
 from __future__ import annotations
@@ -83,15 +87,22 @@ class AlphaEdit(Stateless):
         P, KpKp = state["P"], state["KpKp"]
         backend = backend or LocalBackend(lm, cfg.v_batch_size)
 
+        ascending = list(cfg.layers) == sorted(set(cfg.layers))
+        new_kpkp = {}
+
         def solve_layer(i, layer, KK, KR):
             p = P[layer].double()
             A = p @ (KK + KpKp[layer]) + cfg.L2 * torch.eye(p.shape[0], dtype=torch.float64)
             X = solve(A, p @ KR)            # (d, H), in the range of P
+            if ascending:   # these keys are those after the whole update (module docstring)
+                new_kpkp[layer] = KpKp[layer] + KK
             return X.T
 
-        deltas, z, info = spread_over_layers(backend, requests, cfg, solve_layer)
-        new_kk = backend.key_moments(requests, cfg.layers, deltas)
-        new_state = dict(state, KpKp={l: KpKp[l] + new_kk[l] for l in cfg.layers})
+        deltas, info = spread_over_layers(backend, requests, cfg, solve_layer)
+        if not ascending:
+            new_kk = backend.key_moments(requests, cfg.layers, deltas)
+            new_kpkp = {l: KpKp[l] + new_kk[l] for l in cfg.layers}
+        new_state = dict(state, KpKp=new_kpkp)
         return EditResult(tuple(deltas), info), new_state
 
     def state_dict(self, state) -> tuple[dict[str, torch.Tensor], dict]:

@@ -10,7 +10,9 @@ R the share of the residual (z - h_L) this layer takes. Solved in float64 (Chole
 Deviations from the reference code (kmeng01/memit), all deliberate:
 * the target vectors of a batch are optimised together (kedit_core.zopt: same loss, same
   per-request trajectories; replay of blocks >= L; unembedding only at loss positions);
-* keys of all requests and templates are computed in batched forward passes;
+* keys of all requests and templates are computed in batched forward passes, over chunks of
+  the batch that return only the sums K K^T and K R^T (kedit_core.methods.common: a batch of
+  10,000 needs no more memory than one of 100, beyond the d x d sums);
 * the second moment comes from kedit's one-pass store (`mom2_n_samples` texts of
   `mom2_max_length` tokens; the reference uses 100,000 Wikipedia texts of full length);
 * the whole solve is float64 (the reference casts K, R and C to double too, but C was
@@ -87,7 +89,7 @@ class MEMIT(Stateless):
             X = solve_spd(A, KR)               # (d, H)
             return X.T                          # (H, d) = R K^T A^{-1}
 
-        deltas, z, info = spread_over_layers(backend, requests, cfg, solve_layer)
+        deltas, info = spread_over_layers(backend, requests, cfg, solve_layer)
         return EditResult(tuple(deltas), info), state
 
     @staticmethod
