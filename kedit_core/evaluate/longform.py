@@ -119,14 +119,15 @@ def evaluate_longform(view, requests, *, max_new_tokens: int = 512, encoder=None
     paraphrase and sub-questions (`portability`), scored against the long target / sub-answers.
     `chat`: put the question through the tokenizer's chat template (default: when it has one,
     as the reference does for instruct models)."""
+    from kedit_core.generation import chat_prompt, has_chat_template
+
     tok = view.lm.tokenizer
     if chat is None:
-        chat = bool(getattr(tok, "chat_template", None))
+        chat = has_chat_template(tok)
 
     def ask(questions: list[str]) -> list[str]:
-        if chat:
-            questions = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                 add_generation_prompt=True) for q in questions]
+        if chat:   # the same text AnyEdit edits on (kedit_core.generation.chat_prompt)
+            questions = [chat_prompt(tok, q) for q in questions]
         return view.generate(questions, max_new_tokens)
 
     reqs = [r for r in requests if r.long_target]
