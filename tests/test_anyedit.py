@@ -202,7 +202,7 @@ def test_config_defaults_and_errors(lm):
     from kedit_core.errors import BadInputError
 
     assert AnyEditConfig.ARCH_DEFAULTS[("llama", 32, 4096)]["window_size"] == 40
-    assert AnyEditConfig.ARCH_DEFAULTS[("qwen2", 28, 3584)]["window_size"] == 50
+    assert AnyEditConfig.ARCH_DEFAULTS[("llama", 28, 3584)]["window_size"] == 50
     c = AnyEditConfig()
     assert (c.v_lr, c.v_num_grad_steps, c.v_early_stop_loss, c.v_weight_decay, c.clamp_norm_factor) == \
         (0.5, 25, 1e-2, 1e-3, 4.0)

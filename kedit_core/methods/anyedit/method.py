@@ -93,7 +93,7 @@ class AnyEditConfig(MethodConfig):
         ("llama", 32, 4096): dict(layers=(4, 5, 6, 7, 8), window_size=40, mom2_update_weight=15_000.0,
                                   L2=10.0, nullspace_threshold=2e-2),
         # Qwen2.5-7B-Instruct (hparams/{MEMIT,AlphaEdit}_ARE/Qwen2.5-7B-Instruct.json).
-        ("qwen2", 28, 3584): dict(layers=(4, 5, 6, 7, 8), window_size=50, mom2_update_weight=15_000.0,
+        ("llama", 28, 3584): dict(layers=(4, 5, 6, 7, 8), window_size=50, mom2_update_weight=15_000.0,
                                   L2=10.0, nullspace_threshold=2e-2),
         # SmolLM2-135M-Instruct (30 blocks, hidden 576): blocks 4-8 (the reference's, and 4-8 of 32
         # scaled to 30); lambda, the null-space threshold and the statistics size are those kedit
