@@ -27,6 +27,12 @@ Adam, stopping when loss_i < 5e-2, and after each step clamping ||delta_i|| <= c
 (p_delta: the next-token distribution with delta added, p_orig: without; the reference's
 `kl_div(kl_distr_init, kl_log_probs, log_target=True)` is this direction, see `kl_term`.)
 
+AnyEdit's windowed targets (`optimize_window_targets`) run through the same loop: one row per
+request and window (prompt + earlier windows + the window), no KL row, the earlier windows'
+deltas added at their key positions as fixed vectors (`_Rows.fixed`; they all lie in the
+KV-cached prefix); window k of every request forms one batch, windows of a request are
+sequential. `hidden_along` reads sites at every position of token sequences given as ids.
+
 Context templates are generated once per model with a fixed seed and cached under
 $KEDIT_CACHE keyed by the model's weights hash: MEMIT's (`context_templates`: "{}" plus five
 10-token samples after "The", "Therefore", "Because", "I", "You"; keys weigh the bare prompt
