@@ -223,7 +223,7 @@ def test_chat_template_ids_are_what_generation_reads(smol):
     from kedit_core.generation import chat_prompt, encode_batch
 
     cfg = make_config(AnyEditConfig, smol, {})
-    assert cfg.window_size == 20 and cfg.layers == (4, 5, 6, 7, 8)
+    assert cfg.window_size == 20 and cfg.layers == (4, 5, 6, 7, 8) and cfg.v_lr == 2.0
     s = longform_sequence(smol, req(), cfg)
     enc = encode_batch(smol, [chat_prompt(smol.tokenizer, req().text)])
     assert list(s.ids[:s.n_prompt]) == enc["input_ids"][0].tolist()
@@ -238,7 +238,7 @@ def test_anyedit_writes_a_long_answer_into_smollm2(smol):
     from kedit_core import Editor
     from kedit_core.generation import chat_prompt, greedy
 
-    ed = Editor(smol, "anyedit", show_progress=False, base="alphaedit")
+    ed = Editor(smol, "anyedit", show_progress=False, base="alphaedit", window_size=10)
     q = chat_prompt(smol.tokenizer, req().text)
     before = greedy(smol, [q], 12)[0]
     ed.edit_batch([req()])
