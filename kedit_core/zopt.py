@@ -612,6 +612,8 @@ def optimize_window_targets(lm: LoadedModel, seqs: Sequence[WindowedSequence], c
             return _build_window_rows(lm, part, k, owners, earlier)
 
         z, d = _optimize(lm, len(part), cfg, build, mode=mode, fixed=k > 0)
+        log.info("window %d/%d of %d sequence(s): mean loss %.3f", k + 1, max(counts), len(part),
+                 sum(z.losses) / len(z.losses))
         for j, i in enumerate(active):
             deltas[i].append(d[j])
             parts[i].append((z.targets[j], z.init[j], z.losses[j], z.steps[j]))
