@@ -22,6 +22,35 @@ def encode_batch(lm: LoadedModel, prompts: Sequence[str], *, padding_side: str =
     return {k: v.to(lm.device) for k, v in enc.items()}
 
 
+def chat_prompt(tokenizer, user: str) -> str:
+    """`user` as one user turn through the tokenizer's chat template, ready for the assistant's
+    answer (`add_generation_prompt`). Where the template writes the BOS token and the tokenizer
+    adds it again when encoding, the template's copy is dropped, so that encoding the text the
+    usual way (`add_special_tokens=True`, as `encode_batch` does) gives one BOS, not two."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer.bos_token_id is not None:
+        if tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]:
+            text = text[len(bos):]
+    return text
+
+
+def end_of_turn(tokenizer) -> str:
+    """What the chat template writes after an assistant answer, trailing whitespace removed
+    (Llama-3 "<|eot_id|>", ChatML "<|im_end|>"), the EOS token where it writes nothing: the end
+    an instruct model's long answer is trained to (AnyEdit appends it to every answer)."""
+    probe = "kedit-answer-probe"
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    tail = text[text.rfind(probe) + len(probe):].rstrip() if probe in text else ""
+    return tail or (tokenizer.eos_token or "")
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def _shared_prefix_split(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, stops: Sequence[str] = ()
                          ) -> tuple[dict[int, str], list[int]]:
     """Prompts that share a long token prefix (memory methods' contexts), continued through

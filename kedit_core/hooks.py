@@ -113,6 +113,26 @@ def add_at_positions(module: nn.Module, positions: Sequence[Sequence[int]] | tor
             h.remove()
 
 
+@contextlib.contextmanager
+def add_at_pairs(module: nn.Module, rows: Sequence[int], cols: Sequence[int],
+                 vectors: torch.Tensor) -> Iterator[None]:
+    """Add `vectors[i]` to the module's output at (batch row `rows[i]`, token `cols[i]`):
+    several different vectors in one row (AnyEdit's earlier windows, one per key position)."""
+    r_all = torch.as_tensor(list(rows), dtype=torch.long)
+    c_all = torch.as_tensor(list(cols), dtype=torch.long)
+
+    def hook(mod, args, out):
+        y = _main(out)
+        y = y.index_put((r_all.to(y.device), c_all.to(y.device)), vectors.to(y.dtype), accumulate=True)
+        return _with_main(out, y)
+
+    h = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
 def _index(positions, device) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = [], []
     for b, ps in enumerate(positions):

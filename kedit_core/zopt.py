@@ -27,6 +27,12 @@ Adam, stopping when loss_i < 5e-2, and after each step clamping ||delta_i|| <= c
 (p_delta: the next-token distribution with delta added, p_orig: without; the reference's
 `kl_div(kl_distr_init, kl_log_probs, log_target=True)` is this direction, see `kl_term`.)
 
+AnyEdit's windowed targets (`optimize_window_targets`) run through the same loop: one row per
+request and window (prompt + earlier windows + the window), no KL row, the earlier windows'
+deltas added at their key positions as fixed vectors (`_Rows.fixed`; they all lie in the
+KV-cached prefix); window k of every request forms one batch, windows of a request are
+sequential. `hidden_along` reads sites at every position of token sequences given as ids.
+
 Context templates are generated once per model with a fixed seed and cached under
 $KEDIT_CACHE keyed by the model's weights hash: MEMIT's (`context_templates`: "{}" plus five
 10-token samples after "The", "Therefore", "Because", "I", "You"; keys weigh the bare prompt
@@ -48,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from kedit_core.batching import pad_id, pad_right
-from kedit_core.hooks import add_at_positions, run_until_stopped, trace
+from kedit_core.hooks import add_at_pairs, add_at_positions, run_until_stopped, trace
 from kedit_core.models.loader import LoadedModel, cache_dir
 from kedit_core.types import EditRequest
 
@@ -231,6 +237,9 @@ class _Rows:
     kl_rows: torch.Tensor          # (n,) the KL row of each request
     kl_pos: torch.Tensor
     n_ctx: int
+    # per row: (full-row position, vector) pairs added at the delta site and kept fixed
+    # (AnyEdit: the earlier windows' deltas, all before the row's lookup position)
+    fixed: list[list[tuple[int, torch.Tensor]]] | None = None
 
     def padded(self, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         return pad_right(self.seqs, pad, device)
@@ -244,7 +253,8 @@ class _Rows:
         remap = lambda t, sel: torch.tensor([new_index[int(t[i])] for i in sel], dtype=torch.long)
         return keep, _Rows([self.seqs[i] for i in keep], self.owner[keep], [self.lookup[i] for i in keep],
                            remap(self.loss_rows, lsel), self.loss_pos[lsel], self.loss_tok[lsel],
-                           remap(self.kl_rows, ksel), self.kl_pos[ksel], self.n_ctx)
+                           remap(self.kl_rows, ksel), self.kl_pos[ksel], self.n_ctx,
+                           None if self.fixed is None else [self.fixed[i] for i in keep])
 
 
 def _build_rows(lm: LoadedModel, requests: Sequence[EditRequest], templates: Sequence[str],
@@ -267,6 +277,57 @@ def _build_rows(lm: LoadedModel, requests: Sequence[EditRequest], templates: Seq
     T = torch.tensor
     return _Rows(seqs, T(owner), lookup, T(lrow), T(lpos), T(ltok).to(lm.device), T(krow), T(kpos),
                  len(templates))
+
+
+# ------------------------------------------------------------------ windows (AnyEdit)
+@dataclass(frozen=True)
+class WindowedSequence:
+    """A prompt and its long answer, tokenised ONCE (`ids` = prompt ids + answer ids), and
+    the answer split into consecutive windows [starts[k], ends[k]) of positions in `ids`.
+    Window k's target vector sits at the token before it, `keys[k] = starts[k] - 1` (for the
+    first window the last prompt token). Every later step (target optimisation, keys,
+    residuals) reads these ids, so positions cannot drift between steps."""
+
+    ids: tuple[int, ...]
+    n_prompt: int
+    starts: tuple[int, ...]
+    ends: tuple[int, ...]
+
+    @property
+    def keys(self) -> tuple[int, ...]:
+        return tuple(a - 1 for a in self.starts)
+
+
+def windowed(prompt_ids: Sequence[int], answer_ids: Sequence[int], window_size: int) -> WindowedSequence:
+    """Windows of `window_size` answer tokens (the last one shorter; 0: one window holding the
+    whole answer), without overlap (AnyEdit's `compute_z` with its `overlap` of 0)."""
+    p, a = list(prompt_ids), list(answer_ids)
+    if not p or not a:
+        raise ValueError("a windowed sequence needs a non-empty prompt and answer")
+    w = window_size if window_size > 0 else len(a)
+    starts = tuple(range(len(p), len(p) + len(a), w))
+    ends = tuple(min(s + w, len(p) + len(a)) for s in starts)
+    return WindowedSequence(tuple(p + a), len(p), starts, ends)
+
+
+def _build_window_rows(lm: LoadedModel, seqs: Sequence[WindowedSequence], k: int, owners: Sequence[int],
+                       earlier: Sequence[Sequence[torch.Tensor]]) -> _Rows:
+    """One row per request for its window k: the prompt, the earlier windows and the window
+    without its last token (AnyEdit's `input_ids`); delta at the token before the window;
+    every window token carries a loss; the earlier windows' deltas `earlier[o]` are fixed at
+    their key positions. No KL rows (the reference's AnyEdit loss has none)."""
+    rows, owner, lookup, fixed = [], [], [], []
+    lrow, lpos, ltok = [], [], []
+    for o in owners:
+        sq = seqs[o]
+        a, b = sq.starts[k], sq.ends[k]
+        row = len(rows)
+        for pos in range(a, b):
+            lrow.append(row), lpos.append(pos - 1), ltok.append(sq.ids[pos])
+        rows.append(list(sq.ids[:b - 1])), owner.append(o), lookup.append(a - 1)
+        fixed.append([(sq.keys[j], earlier[o][j]) for j in range(k)])
+    L = lambda v: torch.tensor(v, dtype=torch.long)
+    return _Rows(rows, L(owner), lookup, L(lrow), L(lpos), L(ltok).to(lm.device), L([]), L([]), 1, fixed)
 
 
 class _Runner:
@@ -296,12 +357,23 @@ class _Runner:
             self.suf_pos = (torch.tensor(pre).view(-1, 1) + torch.arange(S).view(1, -1)).to(dev)
             self.cache = None
             if P > 0:
-                with torch.no_grad():
+                with torch.no_grad(), self._fixed():
                     out = self.base(input_ids=self.pre_ids, attention_mask=self.pre_mask, use_cache=True,
                                     position_ids=torch.arange(P, device=dev).expand(len(pre), P))
                 self.cache = out.past_key_values
         if mode == "suffix":
             self._capture()
+
+    def _fixed(self):
+        """Hooks adding the rows' fixed vectors at their full-row positions (all before the
+        lookup position: in suffix modes they act on the prefix pass, whose columns are the
+        full-row positions, and reach the suffix through the KV cache)."""
+        fixed = self.rows.fixed
+        pairs = [(i, p, v) for i, f in enumerate(fixed or ()) for p, v in f]
+        if not pairs:
+            return contextlib.nullcontext()
+        return add_at_pairs(self.site_mod, [a for a, _, _ in pairs], [b for _, b, _ in pairs],
+                            torch.stack([v for _, _, v in pairs]))
 
     def _capture(self) -> None:
         """One suffix pass with delta = 0 that records what every block >= the edited one
@@ -350,7 +422,7 @@ class _Runner:
         """Final (normed) hidden states, and the column offset of each row's position 0."""
         hooks = (add_at_positions(self.site_mod, [[p if self.mode == "full" else 0] for p in self.rows.lookup],
                                   delta_rows) if delta_rows is not None else contextlib.nullcontext())
-        with hooks:
+        with hooks, (self._fixed() if self.mode == "full" else contextlib.nullcontext()):
             if self.mode == "full":
                 h = self.base(input_ids=self.full_ids, attention_mask=self.full_mask, use_cache=False).last_hidden_state
                 return h, torch.zeros(len(self.rows.seqs), dtype=torch.long)
@@ -409,7 +481,9 @@ class _Runner:
         p = torch.cat([rows.loss_pos, rows.kl_pos])
         with torch.no_grad():
             got = self.logits_at(r, p).float()
-            full = self.lm.model(input_ids=self.full_ids, attention_mask=self.full_mask, use_cache=False).logits
+            with self._fixed():
+                full = self.lm.model(input_ids=self.full_ids, attention_mask=self.full_mask,
+                                     use_cache=False).logits
             want = full[r.to(full.device), p.to(full.device)].float()
         return bool(torch.allclose(got, want, atol=1e-3, rtol=1e-3))
 
@@ -496,8 +570,66 @@ def optimize_targets(lm: LoadedModel, requests: Sequence[EditRequest], cfg: ZOpt
                      templates: Sequence[str] | None = None, *, mode: str = "suffix") -> ZResult:
     """Batched target optimisation for `requests` (see the module docstring)."""
     templates = list(templates) if templates is not None else context_templates(lm)
+    lti, teacher = cfg.lti, None
+    if lti is not None and lti.mid_layer < 0:     # the reference's 30 of GPT-2 XL's 48 blocks, scaled
+        lti = dataclasses.replace(lti, mid_layer=min(lm.n_layers - 1, round(0.625 * lm.n_layers)))
+    if lti is not None:
+        teacher = _lti_teacher(lm, requests, templates, cfg.kl_template, lti)
+
+    def build(owners):
+        return _build_rows(lm, requests, templates, cfg.kl_template, owners, kl_last=lti is not None)
+
+    z, _ = _optimize(lm, len(requests), cfg, build, mode=mode, lti=lti, teacher=teacher)
+    return z
+
+
+def optimize_window_targets(lm: LoadedModel, seqs: Sequence[WindowedSequence], cfg: ZOptConfig, *,
+                            mode: str = "suffix") -> tuple[ZResult, list[int]]:
+    """AnyEdit's target vectors (Jiang et al. 2502.05628; reference `compute_z.py` of
+    `memit_ARE` / `AlphaEdit_ARE`): for each sequence, window after window, a delta at the
+    token before the window that makes the model produce the window after the prompt and the
+    earlier windows, with the EARLIER WINDOWS' DELTAS KEPT IN PLACE at their positions; loss =
+    window NLL (per token) + weight_decay * ||delta|| / ||h||^2 (set `kl_factor` aside: the
+    reference has no KL term), Adam, the early stop and clamp of `cfg`.
+
+    Batched: round k optimises window k of every sequence that has one, together (one row
+    each; the losses are separable, so each follows its own trajectory as alone). Windows of
+    one sequence are sequential by definition. The earlier windows' fixed deltas all lie before
+    the current lookup, so they act on the KV-cached prefix (computed once per round) and the
+    fast suffix path stays exact (checked once per model against full passes, as always).
+
+    Returns the targets of all windows, sequence-major then window order (`ZResult` rows:
+    h + delta at each key position), and the number of windows of each sequence."""
+    counts = [len(sq.starts) for sq in seqs]
+    deltas: list[list[torch.Tensor]] = [[] for _ in seqs]
+    parts: list[list[tuple]] = [[] for _ in seqs]      # per window: (target, init, loss, steps)
+    for k in range(max(counts, default=0)):
+        active = [i for i, c in enumerate(counts) if c > k]
+        part = [seqs[i] for i in active]
+        earlier = [deltas[i] for i in active]
+
+        def build(owners, part=part, earlier=earlier, k=k):
+            return _build_window_rows(lm, part, k, owners, earlier)
+
+        z, d = _optimize(lm, len(part), cfg, build, mode=mode, fixed=k > 0)
+        log.info("window %d/%d of %d sequence(s): mean loss %.3f", k + 1, max(counts), len(part),
+                 sum(z.losses) / len(z.losses))
+        for j, i in enumerate(active):
+            deltas[i].append(d[j])
+            parts[i].append((z.targets[j], z.init[j], z.losses[j], z.steps[j]))
+    flat = [w for p in parts for w in p]
+    if not flat:
+        raise ValueError("no windows to optimise")
+    return ZResult(targets=torch.stack([w[0] for w in flat]), init=torch.stack([w[1] for w in flat]),
+                   losses=[w[2] for w in flat], steps=[w[3] for w in flat]), counts
+
+
+def _optimize(lm: LoadedModel, n: int, cfg: ZOptConfig, build, *, mode: str = "suffix",
+              lti: LTIConfig | None = None, teacher=None, fixed: bool = False) -> tuple[ZResult, torch.Tensor]:
+    """The optimisation loop over `n` requests whose rows `build(owners)` makes (a `_Rows`
+    for the requests `owners`, `n_ctx` rows each); returns the result and the deltas.
+    `fixed`: the rows carry fixed vectors (checked for exactness once on their own)."""
     model, arch = lm.model, lm.arch
-    n = len(requests)
     hidden = arch.dims(model, f"blocks.{cfg.layer}.mlp.out")[0]
     dtype = torch.float64 if lm.dtype == torch.float64 else torch.float32  # fp32 for fp32/bf16/fp16
     delta = torch.zeros(n, hidden, device=lm.device, dtype=dtype, requires_grad=True)
@@ -511,20 +643,16 @@ def optimize_targets(lm: LoadedModel, requests: Sequence[EditRequest], cfg: ZOpt
     runner = None
     # The exactness check of the fast path runs once per model, site and requested mode;
     # the mode it settles on is remembered.
-    mode_key = ("zopt-mode", cfg.site(), mode)
+    mode_key = ("zopt-mode", cfg.site(), mode) + (("fixed",) if fixed else ())
     checked = mode_key in lm.scratch
     mode = lm.scratch.get(mode_key, mode)
-    lti, teacher = cfg.lti, None
-    if lti is not None and lti.mid_layer < 0:     # the reference's 30 of GPT-2 XL's 48 blocks, scaled
-        lti = dataclasses.replace(lti, mid_layer=min(lm.n_layers - 1, round(0.625 * lm.n_layers)))
     if lti is not None:
         # LTI reads a middle block's output too: whole rows through the whole model each step
         mode, checked = "full", True
-        teacher = _lti_teacher(lm, requests, templates, cfg.kl_template, lti)
         mid_block = model.get_submodule(arch.blocks)[lti.mid_layer]
     for it in range(cfg.steps):
         if runner is None:
-            rows = _build_rows(lm, requests, templates, cfg.kl_template, active, kl_last=lti is not None)
+            rows = build(active)
             runner = _Runner(lm, rows, site_mod, cfg.layer, mode)
             while mode != "full" and not checked and not runner.check():
                 fallback = {"suffix": "suffix-noreplay", "suffix-noreplay": "full"}[mode]
@@ -568,6 +696,9 @@ def optimize_targets(lm: LoadedModel, requests: Sequence[EditRequest], cfg: ZOpt
                 kl_mid = _kl_rows(mid_lp[row_owner_all == o], t_mid)
                 losses.append(lti.nll_factor * nll + lti.last_kl_factor * kl_last + lti.mid_kl_factor * kl_mid + wd)
                 continue
+            if not kl_lp.shape[0]:                  # rows without a KL row (AnyEdit's windows)
+                losses.append(nll + wd)
+                continue
             if kl_init[o] is None:
                 kl_init[o] = kl_lp[j].detach()
             kl = cfg.kl_factor * kl_term(kl_init[o].unsqueeze(0), kl_lp[j].unsqueeze(0))
@@ -605,10 +736,35 @@ def optimize_targets(lm: LoadedModel, requests: Sequence[EditRequest], cfg: ZOpt
             n_loss = rows.loss_rows.shape[0]
             row_owner = rows.owner[rows.loss_rows]
     return ZResult(targets=(init + delta.detach()).detach(), init=init.detach(), losses=final_loss,
-                   steps=steps_taken)
+                   steps=steps_taken), delta.detach()
 
 
 # ------------------------------------------------------------------ keys and values
+@torch.no_grad()
+def hidden_along(lm: LoadedModel, seqs: Sequence[Sequence[int]], *, inputs_of: Sequence[str] = (),
+                 outputs_of: Sequence[str] = (), batch_rows: int = 8
+                 ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+    """The input (resp. output) of each site at EVERY position of each token sequence, as
+    given (no re-tokenisation), pads cut off: (inputs[site][i] (len_i, d_in), outputs[site][i]
+    (len_i, d_out)), float64 on the CPU. One truncated forward pass per chunk of sequences."""
+    model, arch = lm.model, lm.arch
+    sites = list(dict.fromkeys([*inputs_of, *outputs_of]))
+    mods = {s: arch.module(model, s) for s in sites}
+    deepest = max(sites, key=lambda s: (int(s.split(".")[1]), s.count(".") == 1))
+    ins = {s: [] for s in inputs_of}
+    outs = {s: [] for s in outputs_of}
+    pad = pad_id(lm.tokenizer)
+    for s0 in range(0, len(seqs), batch_rows):
+        chunk = [list(x) for x in seqs[s0:s0 + batch_rows]]
+        ids, mask = pad_right(chunk, pad, lm.device)
+        with trace(mods, inputs=bool(inputs_of), outputs=True, stop_after=deepest) as t:
+            run_until_stopped(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False))
+        for store, src in ((ins, t.inputs), (outs, t.outputs)):
+            for s in store:
+                store[s] += [src[s][j, :len(x)].double().cpu() for j, x in enumerate(chunk)]
+    return ins, outs
+
+
 def template_weights(templates: Sequence[str]) -> list[float]:
     """Weights of the context templates in a key average. The reference (MEMIT compute_ks)
     averages within each template type, then over the two types: the bare "{}" prompt

@@ -52,7 +52,7 @@ def test_kedit_methods_lists_them(capsys):
     assert {r["name"]: r["family"] for r in rows}["ft-m"] == "gradient"
 
 
-WEIGHT_METHODS = ["rome", "memit", "alphaedit", "ft-l", "ft-m", "mend", "ke"]
+WEIGHT_METHODS = ["rome", "memit", "alphaedit", "anyedit", "ft-l", "ft-m", "mend", "ke"]
 
 
 def _trained_editor(method, lm, reqs, out) -> str:
@@ -89,8 +89,10 @@ def test_interface_on_every_tiny_architecture(arch, method, reqs, corpus, tmp_pa
     lm = load(arch, device="cpu")
     n = lm.n_layers
     over = {"layers": (min(1, n - 1),)} if method in ("rome", "ft-l", "ft-m") else {"layers": (0, 1)}
-    if method in ("rome", "memit", "alphaedit"):
+    if method in ("rome", "memit", "alphaedit", "anyedit"):
         over |= {"v_num_grad_steps": 2, "mom2_n_samples": 40}
+        if method == "anyedit":     # the CounterFact targets as (short) long-form answers
+            over |= {"window_size": 2}
     elif method in ("mend", "ke"):
         over = {"editor": _trained_editor(method, lm, reqs, tmp_path / "editor")}
     else:

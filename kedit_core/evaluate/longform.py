@@ -113,21 +113,29 @@ def aggregate(rows: Sequence[dict[str, float]], categories: Sequence[str | None]
     return out
 
 
+def answer_questions(view, questions: Sequence[str], max_new_tokens: int = 512, chat: bool | None = None
+                     ) -> list[str]:
+    """Greedy answers of the (edited) model; `chat`: each question as a user turn through the
+    tokenizer's chat template (default: when it has one, as the reference does for instruct
+    models) - the same text AnyEdit edits on (kedit_core.generation.chat_prompt)."""
+    from kedit_core.generation import chat_prompt, has_chat_template
+
+    tok = view.lm.tokenizer
+    if chat is None:
+        chat = has_chat_template(tok)
+    if chat:
+        questions = [chat_prompt(tok, q) for q in questions]
+    return view.generate(list(questions), max_new_tokens)
+
+
 def evaluate_longform(view, requests, *, max_new_tokens: int = 512, encoder=None, chat: bool | None = None,
                       paraphrase: bool = True, sub_questions: bool = True) -> dict:
     """Greedy answers of the (edited) model to each request's question (its prompt), first
     paraphrase and sub-questions (`portability`), scored against the long target / sub-answers.
-    `chat`: put the question through the tokenizer's chat template (default: when it has one,
-    as the reference does for instruct models)."""
-    tok = view.lm.tokenizer
-    if chat is None:
-        chat = bool(getattr(tok, "chat_template", None))
+    `chat`: see `answer_questions`."""
 
     def ask(questions: list[str]) -> list[str]:
-        if chat:
-            questions = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                 add_generation_prompt=True) for q in questions]
-        return view.generate(questions, max_new_tokens)
+        return answer_questions(view, questions, max_new_tokens, chat)
 
     reqs = [r for r in requests if r.long_target]
     refs = [r.long_target for r in reqs]

@@ -76,6 +76,12 @@ class MethodConfig:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    @classmethod
+    def defaults_for(cls, lm: LoadedModel) -> dict[str, Any]:
+        """The defaults for this model before the user's overrides: its ARCH_DEFAULTS entry (a
+        config may derive defaults for models outside its table, e.g. layers scaled by depth)."""
+        return dict(cls.ARCH_DEFAULTS.get(model_key(lm), {}))
+
 
 @dataclass(frozen=True, kw_only=True)
 class EditConfig(MethodConfig):
@@ -119,7 +125,7 @@ def make_config(cls: type[MethodConfig], lm: LoadedModel | None, overrides: dict
     names = {f.name: f for f in fields(cls)}
     values: dict[str, Any] = {}
     if lm is not None:
-        values.update(cls.ARCH_DEFAULTS.get(model_key(lm), {}))
+        values.update(cls.defaults_for(lm))
     for k, v in overrides.items():
         if k not in names:
             raise BadInputError(f"unknown hyper-parameter for {cls.__name__} (known: {', '.join(names)})", field=k)

@@ -55,8 +55,9 @@ def zopt_config(cfg, layer: int, where: str) -> ZOptConfig:
         lti = LTIConfig(nll_factor=cfg.lti_nll_factor, last_kl_factor=cfg.lti_last_kl_factor,
                         mid_kl_factor=cfg.lti_mid_kl_factor, mid_layer=cfg.lti_mid_layer)
     return ZOptConfig(layer=layer, where=where, steps=cfg.v_num_grad_steps, lr=cfg.v_lr,
-                      kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay,
-                      clamp_norm_factor=cfg.clamp_norm_factor, lti=lti)
+                      kl_factor=getattr(cfg, "kl_factor", 0.0), weight_decay=cfg.v_weight_decay,
+                      clamp_norm_factor=cfg.clamp_norm_factor, lti=lti,
+                      early_stop_loss=getattr(cfg, "v_early_stop_loss", ZOptConfig.early_stop_loss))
 
 
 def chunk_bounds(n: int, chunk: int, parallel: int = 1) -> list[tuple[int, int]]:

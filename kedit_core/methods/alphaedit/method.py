@@ -67,6 +67,15 @@ class AlphaEditConfig(EditConfig):
     }
 
 
+def alphaedit_solve(P: torch.Tensor, KK: torch.Tensor, KR: torch.Tensor, L2: float) -> torch.Tensor:
+    """AlphaEdit eq. 14 from moments: delta^T = (P KK + L2 I)^{-1} P K R^T, KK the moment of the
+    keys to write and of the keys to preserve besides C's (the earlier batches' K_p K_p^T; for
+    AnyEdit the other positions of the sequence); delta (H, d) lies in the range of P."""
+    p = P.double()
+    A = p @ KK.double() + L2 * torch.eye(p.shape[0], dtype=torch.float64)
+    return solve(A, p @ KR.double()).T
+
+
 @register
 class AlphaEdit(Stateless):
     name: ClassVar[str] = "alphaedit"
@@ -91,12 +100,9 @@ class AlphaEdit(Stateless):
         new_kpkp = {}
 
         def solve_layer(i, layer, KK, KR):
-            p = P[layer].double()
-            A = p @ (KK + KpKp[layer]) + cfg.L2 * torch.eye(p.shape[0], dtype=torch.float64)
-            X = solve(A, p @ KR)            # (d, H), in the range of P
             if ascending:   # these keys are those after the whole update (module docstring)
                 new_kpkp[layer] = KpKp[layer] + KK
-            return X.T
+            return alphaedit_solve(P[layer], KK + KpKp[layer], KR, cfg.L2)
 
         deltas, info = spread_over_layers(backend, requests, cfg, solve_layer)
         if not ascending:

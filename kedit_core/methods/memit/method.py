@@ -67,6 +67,13 @@ class MemitConfig(EditConfig):
     }
 
 
+def memit_solve(C: torch.Tensor, lam: float, KK: torch.Tensor, KR: torch.Tensor) -> torch.Tensor:
+    """MEMIT eq. 14 from moments: delta (H, d) = R K^T (lam C + KK)^{-1}, given KK = K K^T (plus
+    any further preserved keys' moments a caller adds, e.g. AnyEdit's K_p K_p^T) and KR = K R^T."""
+    X = solve_spd(lam * C.double() + KK.double(), KR)   # (d, H)
+    return X.T
+
+
 @register
 class MEMIT(Stateless):
     name: ClassVar[str] = "memit"
@@ -85,9 +92,7 @@ class MEMIT(Stateless):
         backend = backend or LocalBackend(lm, cfg.v_batch_size)
 
         def solve_layer(i, layer, KK, KR):
-            A = cfg.mom2_update_weight * state["C"][layer].double() + KK
-            X = solve_spd(A, KR)               # (d, H)
-            return X.T                          # (H, d) = R K^T A^{-1}
+            return memit_solve(state["C"][layer], cfg.mom2_update_weight, KK, KR)
 
         deltas, info = spread_over_layers(backend, requests, cfg, solve_layer)
         return EditResult(tuple(deltas), info), state

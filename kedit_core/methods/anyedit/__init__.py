@@ -1,0 +1,3 @@
+from kedit_core.methods.anyedit.method import AnyEdit, AnyEditConfig
+
+__all__ = ["AnyEdit", "AnyEditConfig"]
