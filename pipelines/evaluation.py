@@ -26,17 +26,19 @@ GROUPS = ("latest", "first", "retention", "all")
 
 
 def rss_mb() -> dict:
-    """Resident memory of this process now and at its peak so far (MB)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    now = peak
+    """Resident memory of this process now and at its peak so far (MB): VmRSS and VmHWM of
+    /proc/self/status, else getrusage's peak for both."""
+    vals = {}
     try:
-        with open("/proc/self/statm") as fh:
-            import os
-
-            now = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    vals[line[:5]] = int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass
-    return {"rss_mb": now, "peak_rss_mb": peak}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    now = vals.get("VmRSS", peak)
+    return {"rss_mb": now, "peak_rss_mb": max(vals.get("VmHWM", peak), now)}
 
 
 def make_plan(cfg, dataset: Sequence, n_stream: int) -> dict:
