@@ -18,7 +18,7 @@ import sys
 USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
                   errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
 
-COMMANDS = ["models", "methods", "data", "generate", "edit_local", "stats", "edit", "train", "audit", "bench", "tune", "export",
+COMMANDS = ["models", "methods", "data", "generate", "edit_local", "stats", "edit", "evaluate", "train", "audit", "bench", "tune", "export",
             "ui",
             "quickstart"]
 

@@ -27,7 +27,11 @@ class RunConfig:
     workers: int | str = "auto"           # EditWorker actors: "auto" (from the resources Ray reports:
                                           # pipelines.workers.plan_workers), or N (0: no Ray, edit in the driver)
     eval_every: int = 10                  # evaluate every N edits (0: only at the start and end)
-    eval_limit: int | None = None         # evaluate "all edits so far" on at most N of them (a strided sample)
+    eval_limit: int | None = None         # also evaluate "all edits so far" at every point, on at most N of
+                                          # them (a strided sample; the old behaviour, O(edits) per point)
+    eval_retention: int = 500             # the retention sample: this many past edits, stratified over the stream
+    eval_probe: int = 100                 # the probe: this many records the stream never edits (0: none)
+    eval_tokens: int = 16384              # evaluation unit (tokens scored), the grain of sharding over workers
     checkpoint_every: int = 1             # checkpoint every k batches
     keep_checkpoints: int = 3
     out: str | None = None
@@ -141,11 +145,12 @@ def build(file: str | Path | None = None, **flags: Any) -> RunConfig:
         if getattr(cfg, name) < 0:
             raise BadInputError("must be 0 or more", file=str(file) if file else None, field=name)
     where = str(file) if file else None
-    for name in ("batch_size", "keep_checkpoints", "checkpoint_every", "eval_limit", "stats_workers"):
+    for name in ("batch_size", "keep_checkpoints", "checkpoint_every", "eval_limit", "stats_workers", "eval_tokens"):
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise BadInputError(f"must be at least 1, got {v}", file=where, field=name)
-    for name in ("workers", "limit", "eval_every", "perplexity_texts", "zopt_chunk", "chunk_checkpoint_s"):
+    for name in ("workers", "limit", "eval_every", "perplexity_texts", "zopt_chunk", "chunk_checkpoint_s",
+                 "eval_retention", "eval_probe"):
         v = getattr(cfg, name)
         if v is not None and v != "auto" and v < 0:
             raise BadInputError(f"must be 0 or more, got {v}", file=where, field=name)

@@ -53,13 +53,6 @@ from pipelines.config import RunConfig, config_identity, differences, identity, 
 
 log = logging.getLogger(__name__)
 
-# Logged per evaluation point (names and definitions: kedit_core.evaluate.metrics).
-METRIC_KEYS = ("efficacy_score", "efficacy_magnitude", "paraphrase_score", "paraphrase_magnitude",
-               "neighborhood_score", "neighborhood_magnitude", "score", "rewrite_acc", "rewrite_correct",
-               "paraphrase_acc", "paraphrase_correct", "neighborhood_acc", "rewrite_gen", "paraphrase_gen",
-               "locality", "portability_acc")
-
-
 def data_hash(path: str) -> str:
     from kedit_core.data import builtin_path
 
@@ -93,11 +86,12 @@ def _set_rng(state: dict) -> None:
     np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
 
 
-def _sample(reqs: list, limit: int | None) -> list:
-    if not limit or len(reqs) <= limit:
-        return reqs
-    step = len(reqs) / limit
-    return [reqs[int(i * step)] for i in range(limit)]
+def _strided(n: int, limit: int | None) -> list[int]:
+    """At most `limit` of range(n), evenly strided (all when limit is None)."""
+    if not limit or n <= limit:
+        return list(range(n))
+    step = n / limit
+    return [int(i * step) for i in range(limit)]
 
 
 class EditStream:
@@ -116,6 +110,16 @@ class EditStream:
         if not reqs:
             raise BadInputError("no edit requests to apply", file=self.cfg.data, field="data")
         return reqs
+
+    def _dataset(self) -> list:
+        """Every request of the dataset, the stream's first (the evaluation probe is drawn
+        from those the stream does not edit)."""
+        from kedit_core.data import load_requests
+
+        if self.cfg.limit is None:
+            return self._requests()
+        return load_requests(None if self.cfg.data == "builtin" else self.cfg.data,
+                             skip_invalid=self.cfg.skip_invalid, zsre_convention=self.cfg.zsre_convention)
 
     def _read_run_json(self) -> dict | None:
         run_json = self.out / "run.json"
@@ -398,26 +402,56 @@ class EditStream:
         cur = read_weights(ed.lm, ed.applier.originals)
         return {s: float((cur[s].float() - o.float()).norm()) for s, o in ed.applier.originals.items()}
 
+    def _evaluator(self, ed, reqs):
+        """The stream's Evaluator (pipelines.evaluation), its plan read from run.json (written
+        there at the first evaluation point, so a resume uses the same probe)."""
+        from pipelines.evaluation import Evaluator, plan_of_run
+
+        backend = getattr(self, "backend", None)
+        ev = getattr(self, "evaluator", None)
+        if ev is None or ev.ed is not ed or ev.backend is not backend:
+            dataset = self._dataset()
+            self.eval_plan = plan_of_run(self.out, self.cfg, dataset, len(reqs))
+            ev = self.evaluator = Evaluator(ed, reqs, dataset, self.eval_plan, backend=backend,
+                                            perplexity_texts=self.cfg.perplexity_texts,
+                                            where=str(self.out / "run.json"))
+        return ev
+
     def _evaluate(self, ed, reqs, batches, n_batches: int, rec) -> dict:
-        done = [r for b in batches[:n_batches] for r in b]
-        row: dict = {"edits": len(done), "batches": n_batches}
+        """One evaluation point (kedit_core.evaluate.plan): before any edit the unedited model
+        on every request of the stream (`all`); after batch n: `latest` (batch n), `first`,
+        `retention` (the stratified sample, recorded in the row), `probe`, perplexity, and at
+        the end `all` (every edit). With eval_limit, `all` is also measured at every point,
+        on a strided sample of at most eval_limit of the edits so far. Peak RSS of the driver
+        and the workers under rss/."""
+        from kedit_core.evaluate.plan import retention_sample
+
+        cfg = self.cfg
+        ev = self._evaluator(ed, reqs)
+        done = sum(len(b) for b in batches[:n_batches])
+        row: dict = {"edits": done, "batches": n_batches}
         t0 = time.perf_counter()
-        if n_batches == 0:   # the unedited model on the whole stream (a sample of it)
-            m = ed.evaluate(_sample(reqs, self.cfg.eval_limit), perplexity_texts=self.cfg.perplexity_texts)
-            row.update({f"all/{k}": v for k, v in m.items() if k in METRIC_KEYS})
+        groups: dict[str, list[int]] = {}
+        if n_batches == 0:   # the unedited model on the whole stream (a sample of it with eval_limit)
+            groups["all"] = _strided(len(reqs), cfg.eval_limit)
         else:
-            m = ed.evaluate(_sample(done, self.cfg.eval_limit), perplexity_texts=self.cfg.perplexity_texts)
-            row.update({f"all/{k}": v for k, v in m.items() if k in METRIC_KEYS})
-            for name, part in (("latest", batches[n_batches - 1]), ("first", batches[0])):
-                mm = ed.evaluate(part)
-                row.update({f"{name}/{k}": v for k, v in mm.items() if k in METRIC_KEYS})
-        if "perplexity" in m:
-            row["perplexity"] = m["perplexity"]
+            last = len(batches[n_batches - 1])
+            groups["latest"] = list(range(done - last, done))
+            groups["first"] = list(range(len(batches[0])))
+            sample = retention_sample(done, int(self.eval_plan["retention"]), int(self.eval_plan["seed"]))
+            groups["retention"] = sample
+            row["retention_sample"] = sample
+            if n_batches == len(batches) or cfg.eval_limit:
+                groups["all"] = _strided(done, cfg.eval_limit)
+        row.update(ev.point(groups))
+        row.update(ev.memory())
         if rec is not None:
             row["seconds_per_edit"] = rec["seconds_per_edit"]
         row["eval_seconds"] = time.perf_counter() - t0
-        log.info("after %d edits: %s", len(done), ", ".join(f"{k}={v:.3f}" for k, v in row.items()
-                                                           if k.startswith("all/") or k == "perplexity"))
+        log.info("after %d edits: %s", done, ", ".join(
+            f"{k}={row[k]:.3f}" for k in ("latest/efficacy_score", "first/efficacy_score", "retention/efficacy_score",
+                                          "all/efficacy_score", "probe/neighborhood_score", "perplexity",
+                                          "rss/driver_peak_mb", "eval_seconds") if isinstance(row.get(k), float)))
         return row
 
     def _checkpoint(self, ckm, ed, n_batches, edits, ident, ihash, rows, records) -> None:
@@ -452,7 +486,7 @@ class EditStream:
         tracker.log_missing([({"seconds_per_edit": r["seconds_per_edit"], "z_loss_mean": r.get("z_loss_mean")},
                               r["edits"]) for r in records], probe="seconds_per_edit")
         tracker.log_missing([({k: v for k, v in row.items() if k not in ("seconds_per_edit", "z_loss_mean")},
-                               row["edits"]) for row in rows], probe="all/efficacy_score")
+                               row["edits"]) for row in rows], probe="batches")
 
     def _benchmark_metrics(self, ed, reqs) -> dict:
         """At the end of a stream, the metrics of the dataset's own benchmark beyond the
@@ -494,7 +528,9 @@ class EditStream:
                   "perplexity_source": (ed.heldout(self.cfg.perplexity_texts).source
                                         if self.cfg.perplexity_texts else None),
                   "stats_throughput": self.stats_throughput,
-                  "worker_recoveries": getattr(self.backend, "recoveries", 0) if self.backend else 0}
+                  "worker_recoveries": getattr(self.backend, "recoveries", 0) if self.backend else 0,
+                  "eval_plan": (self._read_run_json() or {}).get("eval_plan"),
+                  "batch_seconds": [{"edits": r["edits"], "n": r["n"], "seconds": r["seconds"]} for r in records]}
         mismatch = None
         if self.backend is not None:  # every replica must hold exactly the driver's weights
             driver = tensors_hash(dict(iter_full_state(ed.lm)))
@@ -508,12 +544,7 @@ class EditStream:
                             "replicas_in_step=false; the checkpoints hold the driver's weights")
         atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=1, default=str))
         table = self.out / "metrics.md"
-        keys = sorted({k for r in rows for k in r if k.startswith(("all/", "first/", "latest/")) or k == "perplexity"})
-        lines = ["| edits | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        for r in rows:
-            lines.append(f"| {r['edits']} | " + " | ".join(f"{r[k]:.3f}" if isinstance(r.get(k), float) else "-"
-                                                           for k in keys) + " |")
-        atomic_write_text(table, "\n".join(lines) + "\n")
+        atomic_write_text(table, metrics_table(rows))
         png = plot_curves(rows, self.out / "curves.png", f"{self.cfg.method} on {self.cfg.model}")
         for f in (self.out / "metrics.json", table, png):
             tracker.log_artifact(f)
@@ -522,3 +553,30 @@ class EditStream:
 
             raise WorkerFailure(mismatch)
         return result
+
+
+# The columns of metrics.md: one line per (evaluation point, group).
+TABLE_KEYS = ("n_requests", "efficacy_score", "paraphrase_score", "neighborhood_score", "score", "rewrite_acc",
+              "paraphrase_acc", "neighborhood_acc", "locality", "rewrite_gen")
+
+
+def metrics_table(rows: list[dict]) -> str:
+    """metrics.md: the groups' main metrics at each evaluation point (every metric is in
+    metrics.json), then perplexity, evaluation time and memory per point."""
+    from pipelines.evaluation import GROUPS
+
+    groups = [g for g in (*GROUPS, "probe") if any(k.startswith(g + "/") for r in rows for k in r)]
+    keys = [k for k in TABLE_KEYS if any(f"{g}/{k}" in r for r in rows for g in groups)]
+    fmt = lambda v: (f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}") if isinstance(v, float) else "-"  # noqa: E731
+    lines = ["| edits | group | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for r in rows:
+        for g in groups:
+            if any(f"{g}/{k}" in r for k in keys):
+                lines.append(f"| {r['edits']} | {g} | " + " | ".join(fmt(r.get(f"{g}/{k}")) for k in keys) + " |")
+    extra = ["perplexity", "eval_seconds", "rss/driver_mb", "rss/driver_peak_mb", "rss/workers_mb",
+             "rss/workers_peak_mb"]
+    extra = [k for k in extra if any(k in r for r in rows)]
+    if extra:
+        lines += ["", "| edits | " + " | ".join(extra) + " |", "|---" * (len(extra) + 1) + "|"]
+        lines += [f"| {r['edits']} | " + " | ".join(fmt(r.get(k)) for k in extra) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -310,28 +310,70 @@ def _key(k: str) -> str:
     return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in k)
 
 
+def log_to_run(run_dir: str | Path, metrics: dict[str, float], step: int, artifacts=(), *,
+               timeout_s: float = 10.0, flush_s: float = 60.0) -> str | None:
+    """Log metrics (at `step`) and artifacts to the MLflow run a stream recorded in
+    RUN_DIR/mlflow.json, leaving its status as it is (`kedit evaluate`); bounded like every
+    Tracker call. Returns the run id, or None when the directory names no run."""
+    rec = Path(run_dir) / "mlflow.json"
+    if not rec.is_file():
+        return None
+    saved = json.loads(rec.read_text())
+    tr = Tracker(run_dir, saved["uri"], timeout_s=timeout_s, flush_s=flush_s)
+
+    def attach():
+        import mlflow
+
+        tr.client = mlflow.tracking.MlflowClient(tr.uri)
+        tr.run_id = saved["run_id"]
+        return tr.run_id
+
+    tr._submit(attach, "attaching to the run")
+    tr.log_metrics(metrics, step=step)
+    for a in artifacts:
+        tr.log_artifact(a)
+    left = tr.flush(flush_s)
+    with tr._cv:
+        tr._closed, tr._abandon = True, bool(left)
+        tr._cv.notify_all()
+    if left:
+        log.warning("MLflow store %s did not take %d calls within %g s; the results are in %s", tr.uri, left,
+                    flush_s, run_dir)
+    return saved["run_id"]
+
+
+# The curves of plot_curves: (metric key, label, style).
+CURVES = [("latest/efficacy_score", "efficacy, latest batch", "-"),
+          ("first/efficacy_score", "efficacy, first batch", "-"),
+          ("retention/efficacy_score", "efficacy, retention sample", "-"),
+          ("retention/paraphrase_score", "paraphrase, retention sample", "--"),
+          ("retention/neighborhood_score", "neighbourhood, retention sample", ":"),
+          ("probe/neighborhood_score", "probe (never-edited facts)", "-."),
+          ("all/efficacy_score", "efficacy, all edits", "none")]
+
+
 def plot_curves(rows: list[dict], out_png: Path, title: str) -> Path:
-    """Degradation curves (metric vs edits applied) as one PNG."""
+    """Degradation curves (metric vs edits applied) as one PNG: the evaluation groups
+    (pipelines.evaluation) on the left, perplexity on the right; `all` (measured at the
+    start and the end) as markers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    steps = [r["edits"] for r in rows]
-    for key, label in [("all/efficacy_score", "efficacy (all edits)"),
-                       ("all/paraphrase_score", "paraphrase (all)"),
-                       ("all/neighborhood_score", "neighbourhood (all)"),
-                       ("first/efficacy_score", "efficacy (first batch)"),
-                       ("latest/efficacy_score", "efficacy (latest batch)")]:
-        ys = [r.get(key) for r in rows]
-        if any(y is not None for y in ys):
-            axes[0].plot(steps, [y if y is not None else float("nan") for y in ys], marker="o", label=label)
+    for key, label, style in CURVES:
+        pts = [(r["edits"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if pts:
+            xs, ys = zip(*pts)
+            axes[0].plot(xs, ys, linestyle=style, marker="o" if style != "none" else "s", markersize=4,
+                         label=label)
     axes[0].set_xlabel("edits applied"), axes[0].set_ylabel("score"), axes[0].set_ylim(-0.02, 1.02)
-    axes[0].legend(fontsize=8), axes[0].set_title(title)
-    ppl = [r.get("perplexity") for r in rows]
-    if any(p is not None for p in ppl):
-        axes[1].plot(steps, [p if p is not None else float("nan") for p in ppl], marker="o", color="C3")
+    axes[0].legend(fontsize=7), axes[0].set_title(title)
+    pts = [(r["edits"], r["perplexity"]) for r in rows if isinstance(r.get("perplexity"), (int, float))]
+    if pts:
+        xs, ys = zip(*pts)
+        axes[1].plot(xs, ys, marker="o", color="C3")
     axes[1].set_xlabel("edits applied"), axes[1].set_ylabel("held-out perplexity")
     fig.tight_layout()
     from kedit_core.io import atomic_file

@@ -175,6 +175,26 @@ class EditWorker:
         self._check(version)
         return self.backend.key_moments(requests, layers, applied)
 
+    # ------------------------------------------------------------- evaluation (pipelines.evaluation)
+    def evaluate_units(self, version: int, sites_hash: str, sites: list[str], units, baseline):
+        """Per-request metric values of each (requests, generation) unit on this replica,
+        after checking that its edited sites hold exactly the driver's weights (their sha256
+        is `sites_hash`; else StaleReplica, and the driver sends it the current weights)."""
+        from kedit_core.apply import read_weights
+        from kedit_core.evaluate.metrics import request_values
+        from pipelines.checkpoint import tensors_hash
+
+        self._check(version)
+        if tensors_hash(read_weights(self.lm, sites, "cpu")) != sites_hash:
+            raise StaleReplica(f"replica at version {self.version} holds other weights than the driver's")
+        return [request_values(self.lm, reqs, baseline=baseline, generation=gen) for reqs, gen in units]
+
+    def memory(self) -> dict:
+        """This process's resident memory now and at its peak (MB)."""
+        from pipelines.evaluation import rss_mb
+
+        return rss_mb()
+
 
 class RayBackend:
     """methods.common.LocalBackend's interface over EditWorker actors. A batch is cut into

@@ -22,6 +22,7 @@ from pipelines.checkpoint import CheckpointManager
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["layers=1,2", "v_num_grad_steps=3", "mom2_n_samples=64", "nullspace_threshold=1e-3"]
 EVAL_STEPS = [0, 2, 4, 6, 8]     # --limit 8, --eval-every 2 (0: the unedited model)
+EVAL_KEY = "probe/neighborhood_score"   # measured at every evaluation point (all/: the start and the end)
 BATCH_STEPS = [2, 4, 6, 8]       # --batch-size 2
 
 
@@ -137,7 +138,7 @@ def test_mlflow_server_killed_mid_stream_then_back(tmp_path, corpus, server):
     assert "calls not sent" not in stdout
     rec = json.loads((out / "mlflow.json").read_text())
     assert rec["uri"] == server.uri
-    assert _steps(server.uri, rec["run_id"], "all/efficacy_score") == EVAL_STEPS
+    assert _steps(server.uri, rec["run_id"], EVAL_KEY) == EVAL_STEPS
     assert _steps(server.uri, rec["run_id"], "seconds_per_edit") == BATCH_STEPS
     assert _steps(server.uri, rec["run_id"], "z_loss_mean") == BATCH_STEPS
     from mlflow.tracking import MlflowClient
@@ -166,7 +167,7 @@ def test_mlflow_server_down_for_the_whole_stream_then_resume_relogs(tmp_path, co
     assert r.returncode == 0, r.stderr[-3000:]
     assert "calls not sent" not in r.stderr
     rec = json.loads((out / "mlflow.json").read_text())
-    assert _steps(server.uri, rec["run_id"], "all/efficacy_score") == EVAL_STEPS
+    assert _steps(server.uri, rec["run_id"], EVAL_KEY) == EVAL_STEPS
     assert _steps(server.uri, rec["run_id"], "seconds_per_edit") == BATCH_STEPS
     from mlflow.tracking import MlflowClient
 
@@ -177,7 +178,7 @@ def test_mlflow_server_down_for_the_whole_stream_then_resume_relogs(tmp_path, co
     r = subprocess.run([sys.executable, "-m", "pipelines.cli", "edit", "--resume", str(out)], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0
-    assert _steps(server.uri, rec["run_id"], "all/efficacy_score") == EVAL_STEPS
+    assert _steps(server.uri, rec["run_id"], EVAL_KEY) == EVAL_STEPS
     assert [a.path for a in client.list_artifacts(rec["run_id"])].count("metrics.json") == 1
 
 
@@ -230,7 +231,7 @@ def test_locked_sqlite_store_does_not_stall_the_stream(tmp_path, corpus, caplog)
     EditStream(cfg, show_progress=False).run()
     tr = Tracker(out, None)
     tr.run_id = json.loads((out / "mlflow.json").read_text())["run_id"]
-    assert sorted(s for s, _ in tr.history("all/efficacy_score")) == EVAL_STEPS
+    assert sorted(s for s, _ in tr.history(EVAL_KEY)) == EVAL_STEPS
     assert sorted(s for s, _ in tr.history("seconds_per_edit")) == BATCH_STEPS
 
 

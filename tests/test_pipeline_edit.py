@@ -69,8 +69,11 @@ def test_sigkill_mid_stream_then_resume_is_bit_identical(tmp_path, corpus):
     assert json.loads((out / "mlflow.json").read_text())["run_id"] == run_id
     tr = Tracker(out, None)
     tr.run_id = run_id
-    steps = sorted({s for s, _ in tr.history("all/efficacy_score")})
+    steps = sorted({s for s, _ in tr.history("probe/neighborhood_score")})
     assert steps == [0, 4, 8, 12]
+    assert sorted(s for s, _ in tr.history("all/efficacy_score")) == [0, 12]     # all edits: start and end
+    assert sorted(s for s, _ in tr.history("retention/efficacy_score")) == [4, 8, 12]
+    assert [r.get("retention_sample") for r in resumed["curve"]] == [r.get("retention_sample") for r in whole["curve"]]
     assert len(CheckpointManager(out).list()) <= 3  # keep_checkpoints
     # Re-running the finished command changes nothing.
     before = sorted(p.name for p in CheckpointManager(out).list())

@@ -65,14 +65,52 @@ def baseline_predictions(model: LoadedModel | EditedModel, requests: Sequence[Ed
     return {(cid, n.prompt, n.answer): am for (cid, n), am in zip(nb, s.argmax)}
 
 
+# The per-request values whose means evaluate_requests reports, in the order it reports them.
+REQUEST_KEYS = ("efficacy_score", "efficacy_magnitude", "paraphrase_score", "paraphrase_magnitude",
+                "neighborhood_score", "neighborhood_magnitude", "rewrite_acc", "rewrite_correct",
+                "paraphrase_acc", "paraphrase_correct", "neighborhood_acc", "locality", "portability_acc",
+                "rewrite_gen", "paraphrase_gen")
+
+
 def evaluate_requests(model: LoadedModel | EditedModel, requests: Sequence[EditRequest], *,
                       baseline: dict | None = None, fluency: bool = False, generation: bool = True
                       ) -> dict[str, float]:
     """All metrics the requests' material allows, as one flat dict (names in the module
     docstring), through the edited model's `score` and `generate` only (any family of
-    method). `generation=False` skips the greedy-generation metrics."""
+    method). `generation=False` skips the greedy-generation metrics. Every metric is the
+    mean over requests of a per-request value (`request_values`), so the metrics of a set
+    evaluated in parts (sharded over workers) are `summarize` of the parts' values."""
     view = as_view(model)
-    # One scoring pass over every (prompt, answer) pair needed.
+    out = summarize(request_values(view, requests, baseline=baseline, generation=generation))
+    if fluency:
+        gens = [p for r in requests for p in r.generation_prompts]
+        if gens:
+            out["fluency"] = generation_entropy(view, gens)
+    return out
+
+
+def summarize(values: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The metrics of a set of requests from their per-request values: each the mean over the
+    requests that have it, `score` the harmonic mean of ES, PS and NS."""
+    out: dict[str, float] = {"n_requests": float(len(values))}
+    for name in REQUEST_KEYS:
+        xs = [v[name] for v in values if name in v]
+        if xs:
+            out[name] = float(np.mean(xs))
+    if "efficacy_score" in out:
+        score = _hmean([out.get("efficacy_score"), out.get("paraphrase_score"), out.get("neighborhood_score")])
+        gen = {k: out.pop(k) for k in ("rewrite_gen", "paraphrase_gen") if k in out}
+        out["score"] = score
+        out.update(gen)       # the key order evaluate_requests always had
+    return out
+
+
+def request_values(model: LoadedModel | EditedModel, requests: Sequence[EditRequest], *,
+                   baseline: dict | None = None, generation: bool = True) -> list[dict[str, float]]:
+    """Per request, the values whose means are the metrics (a request lacks a key when its
+    material does not allow it: no target_true, no paraphrases...). One scoring pass over
+    every (prompt, answer) pair needed."""
+    view = as_view(model)
     pairs: list[tuple[str, str]] = []
 
     def add(p: str, a: str) -> int:
@@ -87,53 +125,41 @@ def evaluate_requests(model: LoadedModel | EditedModel, requests: Sequence[EditR
              "nb": [(add(n.prompt, n.answer), add(n.prompt, r.target_new), n) for n in r.neighborhood],
              "port": [add(x.prompt, x.answer) for x in r.portability]}
         plan.append(e)
-    s = view.score([p for p, _ in pairs], [a for _, a in pairs])
-    nll, acc, am = s.mean_nll, s.token_acc, s.argmax
+    s = view.score([p for p, _ in pairs], [a for _, a in pairs]) if pairs else None
+    nll, acc, am = (s.mean_nll, s.token_acc, s.argmax) if s is not None else ([], [], [])
     P = [math.exp(-x) for x in nll]        # per-token geometric-mean probabilities
     allok = [float(x == 1.0) for x in acc]  # every target token is the argmax
 
-    m: dict[str, list[float]] = {k: [] for k in (
-        "efficacy_score", "efficacy_magnitude", "paraphrase_score", "paraphrase_magnitude",
-        "neighborhood_score", "neighborhood_magnitude", "rewrite_acc", "rewrite_correct",
-        "paraphrase_acc", "paraphrase_correct", "neighborhood_acc", "locality", "portability_acc")}
+    out: list[dict[str, float]] = []
     for r, e in zip(requests, plan):
+        v: dict[str, float] = {}
         new, true = e["rw"]
-        m["rewrite_acc"].append(acc[new])
-        m["rewrite_correct"].append(allok[new])
+        v["rewrite_acc"] = acc[new]
+        v["rewrite_correct"] = allok[new]
         if true is not None:
-            m["efficacy_score"].append(float(nll[new] < nll[true]))
-            m["efficacy_magnitude"].append(P[new] - P[true])
+            v["efficacy_score"] = float(nll[new] < nll[true])
+            v["efficacy_magnitude"] = P[new] - P[true]
         if e["para"]:
-            m["paraphrase_acc"].append(np.mean([acc[n] for n, _ in e["para"]]))
-            m["paraphrase_correct"].append(np.mean([allok[n] for n, _ in e["para"]]))
+            v["paraphrase_acc"] = float(np.mean([acc[n] for n, _ in e["para"]]))
+            v["paraphrase_correct"] = float(np.mean([allok[n] for n, _ in e["para"]]))
             if true is not None:
-                m["paraphrase_score"].append(np.mean([float(nll[n] < nll[t]) for n, t in e["para"]]))
-                m["paraphrase_magnitude"].append(np.mean([P[n] - P[t] for n, t in e["para"]]))
+                v["paraphrase_score"] = float(np.mean([float(nll[n] < nll[t]) for n, t in e["para"]]))
+                v["paraphrase_magnitude"] = float(np.mean([P[n] - P[t] for n, t in e["para"]]))
         if e["nb"]:
-            m["neighborhood_score"].append(np.mean([float(nll[a] < nll[n]) for a, n, _ in e["nb"]]))
-            m["neighborhood_magnitude"].append(np.mean([P[a] - P[n] for a, n, _ in e["nb"]]))
-            m["neighborhood_acc"].append(np.mean([acc[a] for a, _, _ in e["nb"]]))
+            v["neighborhood_score"] = float(np.mean([float(nll[a] < nll[n]) for a, n, _ in e["nb"]]))
+            v["neighborhood_magnitude"] = float(np.mean([P[a] - P[n] for a, n, _ in e["nb"]]))
+            v["neighborhood_acc"] = float(np.mean([acc[a] for a, _, _ in e["nb"]]))
             if baseline is not None:
                 same = [np.mean([float(x == y) for x, y in zip(am[a], baseline[(r.case_id, nbp.prompt, nbp.answer)])])
                         for a, _, nbp in e["nb"] if (r.case_id, nbp.prompt, nbp.answer) in baseline]
                 if same:
-                    m["locality"].append(np.mean(same))
+                    v["locality"] = float(np.mean(same))
         if e["port"]:
-            m["portability_acc"].append(np.mean([acc[i] for i in e["port"]]))
-
-    out: dict[str, float] = {"n_requests": float(len(requests))}
-    for name, xs in m.items():
-        if xs:
-            out[name] = float(np.mean(xs))
-    if "efficacy_score" in out:
-        out["score"] = _hmean([out.get("efficacy_score"), out.get("paraphrase_score"),
-                               out.get("neighborhood_score")])
+            v["portability_acc"] = float(np.mean([acc[i] for i in e["port"]]))
+        out.append(v)
     if generation and requests:
-        out.update(generation_metrics(view, requests))
-    if fluency:
-        gens = [p for r in requests for p in r.generation_prompts]
-        if gens:
-            out["fluency"] = generation_entropy(view, gens)
+        for v, g in zip(out, generation_values(view, requests)):
+            v.update(g)
     return out
 
 
@@ -152,6 +178,18 @@ def generation_metrics(model: LoadedModel | EditedModel, requests: Sequence[Edit
                        ) -> dict[str, float]:
     """rewrite_gen / paraphrase_gen: greedy continuations of the rewrite prompt and of each
     paraphrase, each long enough for the target (its token count + 2)."""
+    vals = generation_values(model, requests, batch=batch)
+    out = {"rewrite_gen": float(np.mean([v["rewrite_gen"] for v in vals]))}
+    para = [v["paraphrase_gen"] for v in vals if "paraphrase_gen" in v]
+    if para:
+        out["paraphrase_gen"] = float(np.mean(para))
+    return out
+
+
+def generation_values(model: LoadedModel | EditedModel, requests: Sequence[EditRequest], *, batch: int = 64
+                      ) -> list[dict[str, float]]:
+    """Per request: rewrite_gen (0/1) and, when it has paraphrases, paraphrase_gen (the
+    share of its paraphrases whose continuation starts with the target)."""
     from kedit_core.zopt import target_ids
 
     view = as_view(model)
@@ -168,14 +206,15 @@ def generation_metrics(model: LoadedModel | EditedModel, requests: Sequence[Edit
         texts = view.generate([jobs[j][2] for j in idx], max(need[j] for j in idx))
         for j, t in zip(idx, texts):
             ok[j] = starts_with_target(t, jobs[j][3])
-    rw = [float(ok[j]) for j, job in enumerate(jobs) if job[1] == "rw"]
+    out: list[dict[str, float]] = [{} for _ in requests]
     para: dict[int, list[float]] = {}
-    for j, job in enumerate(jobs):
-        if job[1] == "para":
-            para.setdefault(job[0], []).append(float(ok[j]))
-    out = {"rewrite_gen": float(np.mean(rw))}
-    if para:
-        out["paraphrase_gen"] = float(np.mean([np.mean(v) for v in para.values()]))
+    for j, (i, kind, _, _) in enumerate(jobs):
+        if kind == "rw":
+            out[i]["rewrite_gen"] = float(ok[j])
+        else:
+            para.setdefault(i, []).append(float(ok[j]))
+    for i, xs in para.items():
+        out[i]["paraphrase_gen"] = float(np.mean(xs))
     return out
 
 

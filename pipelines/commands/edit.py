@@ -25,7 +25,15 @@ def add_parser(sub) -> None:
     p.add_argument("--chunk-checkpoint-s", type=float, default=None,
                    help="a batch in progress saves its chunk sums at most this often (default 60; 0: every chunk)")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N edits")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N of the edits so far")
+    p.add_argument("--eval-limit", type=int, default=None,
+                   help="also evaluate all edits so far at every point, on at most N of them (O(edits) per point; "
+                        "by default all edits are evaluated at the start and the end, `kedit evaluate` on demand)")
+    p.add_argument("--eval-retention", type=int, default=None,
+                   help="retention sample: N past edits, stratified over the stream (default 500)")
+    p.add_argument("--eval-probe", type=int, default=None,
+                   help="probe: N records the stream never edits (default 100; 0: none)")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="tokens per evaluation unit, the grain of sharding evaluation over workers (default 16384)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every k batches")
     p.add_argument("--keep-checkpoints", type=int, default=None)
     p.add_argument("--out", default=None, help="run directory (checkpoints, metrics, run.json)")
@@ -103,7 +111,8 @@ def config_from_args(args):
     from pipelines.config import RunConfig, build, load_yaml
 
     flags = {k: getattr(args, k) for k in ("model", "method", "data", "limit", "batch_size", "workers",
-                                           "eval_every", "eval_limit", "checkpoint_every", "keep_checkpoints",
+                                           "eval_every", "eval_limit", "eval_retention", "eval_probe",
+                                           "eval_tokens", "checkpoint_every", "keep_checkpoints",
                                            "out", "stats_corpus", "dtype", "device", "perplexity_texts",
                                            "perplexity_corpus", "zsre_convention",
                                            "tracking_uri", "experiment", "ray_address", "skip_invalid",
