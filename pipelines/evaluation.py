@@ -77,7 +77,6 @@ class Evaluator:
 
     def __init__(self, ed, reqs: Sequence, dataset: Sequence, plan: dict, *, backend=None,
                  perplexity_texts: int = 0, where: str = "run.json"):
-        from kedit_core.edited import ModelView
         from kedit_core.evaluate.plan import probe_from_dict, probe_requests
 
         self.ed, self.reqs, self.plan = ed, list(reqs), plan
@@ -85,10 +84,16 @@ class Evaluator:
         self.perplexity_texts = perplexity_texts
         self.probe = probe_requests(probe_from_dict(plan["probe"], dataset, where), dataset)
         self.backend = backend
-        # Replicas evaluate only a model that is the base model with its weights (no memory
-        # or router around it).
-        self.shard = backend if backend is not None and type(ed.model) is ModelView else None
         self._cost: dict = {}
+
+    @property
+    def shard(self):
+        """The replicas, when this point's edited model is the base model with its weights
+        (no memory or router around it: replicas hold weights only). Decided at every point:
+        a memory method's view is the bare model until its memory holds an entry."""
+        from kedit_core.edited import ModelView
+
+        return self.backend if self.backend is not None and type(self.ed.model) is ModelView else None
 
     def _costs(self, reqs: Sequence, keys: Sequence) -> list[int]:
         """Token cost of each request (`keys` name them in the cost cache)."""
@@ -140,18 +145,19 @@ class Evaluator:
         """{key: per-request values} of every unit, on the replicas when there are some."""
         from kedit_core.evaluate.metrics import request_values
 
-        if self.shard is None or not jobs:
+        shard = self.shard
+        if shard is None or not jobs:
             model = self.ed.model
             results = [request_values(model, reqs, baseline=self._baseline_for(reqs), generation=gen)
                        for reqs, gen, _ in jobs]
         else:
-            results = self._sharded(jobs)
+            results = self._sharded(jobs, shard)
         vals: dict = {}
         for (_, _, keys), res in zip(jobs, results):
             vals.update(zip(keys, res))
         return vals
 
-    def _sharded(self, jobs: list) -> list[list[dict]]:
+    def _sharded(self, jobs: list, shard) -> list[list[dict]]:
         """Units dealt round-robin to the replicas; each call checks the replica's weights
         version and the sha256 of the edited sites (a replica out of step gets the driver's
         weights and the call is repeated: RayBackend._call)."""
@@ -159,19 +165,27 @@ class Evaluator:
 
         from kedit_core.apply import read_weights
         from pipelines.checkpoint import tensors_hash
+        from pipelines.workers import DivergedReplica
 
         sites = sorted(self.ed.applier.originals)
         sites_hash = tensors_hash(read_weights(self.ed.lm, sites, "cpu"))
-        n = len(self.shard.workers)
+        n = len(shard.workers)
         share = [p for p in (list(range(k, len(jobs), n)) for k in range(n)) if p]
         calls = []
-        for w, part in zip(self.shard.workers, share):
+        for w, part in zip(shard.workers, share):
             us = [(jobs[j][0], jobs[j][1]) for j in part]
             calls.append((w, (sites_hash, sites, ray.put(us), self._baseline_for([r for u, _ in us for r in u]))))
         out: list = [None] * len(jobs)
-        for part, res in zip(share, self.shard._call("evaluate_units", calls)):
-            for j, r in zip(part, res):
-                out[j] = r
+        try:
+            for part, res in zip(share, shard._call("evaluate_units", calls)):
+                for j, r in zip(part, res):
+                    out[j] = r
+        except DivergedReplica as e:   # left as it is: the end-of-stream check fails the run
+            log.warning("%s: this point is evaluated on the driver", e)
+            from kedit_core.evaluate.metrics import request_values
+
+            return [request_values(self.ed.model, reqs, baseline=self._baseline_for(reqs), generation=gen)
+                    for reqs, gen, _ in jobs]
         return out
 
     def point(self, groups: dict[str, Sequence[int]], *, probe: bool = True, perplexity: bool = True) -> dict:

@@ -34,6 +34,11 @@ class StaleReplica(RuntimeError):
     """The replica's weights are not the version the driver expects."""
 
 
+class DivergedReplica(RuntimeError):
+    """The replica is at the driver's weights version but holds other weights: not staleness
+    (a reload would hide it) but a replica changed behind the driver's back."""
+
+
 class WorkerFailure(RuntimeError):
     """A worker actor cannot go on (died too often, does not answer, wrong weights): the
     message says which and what to do; the run directory stays resumable."""
@@ -179,14 +184,15 @@ class EditWorker:
     def evaluate_units(self, version: int, sites_hash: str, sites: list[str], units, baseline):
         """Per-request metric values of each (requests, generation) unit on this replica,
         after checking that its edited sites hold exactly the driver's weights (their sha256
-        is `sites_hash`; else StaleReplica, and the driver sends it the current weights)."""
+        is `sites_hash`; else DivergedReplica: the driver evaluates on its own model and the
+        end-of-stream check reports the replica)."""
         from kedit_core.apply import read_weights
         from kedit_core.evaluate.metrics import request_values
         from pipelines.checkpoint import tensors_hash
 
         self._check(version)
         if tensors_hash(read_weights(self.lm, sites, "cpu")) != sites_hash:
-            raise StaleReplica(f"replica at version {self.version} holds other weights than the driver's")
+            raise DivergedReplica(f"replica at version {self.version} holds other weights than the driver's")
         return [request_values(self.lm, reqs, baseline=baseline, generation=gen) for reqs, gen in units]
 
     def memory(self) -> dict:
@@ -261,6 +267,8 @@ class RayBackend:
             except ray.exceptions.RayTaskError as e:
                 if isinstance(e.cause, WorkerFailure):
                     raise WorkerFailure(str(e.cause)) from None
+                if isinstance(e.cause, DivergedReplica):
+                    raise DivergedReplica(str(e.cause)) from None
                 if not isinstance(e.cause, StaleReplica) or attempt == 2:
                     raise
                 log.warning("worker replica is stale (%s): sending it the current weights", e.cause)
