@@ -35,6 +35,10 @@ def corpus_file(tmp_path_factory):
     return f
 
 
+# sums of float64 products of float32 keys computed with different thread counts
+F32_KEYS = dict(rtol=1e-5, atol=1e-7)
+
+
 def test_sharded_ray_stats_equal_single_process(ray_local, corpus_file, tmp_path):
     from pipelines.stats_job import run_stats
 
@@ -46,8 +50,10 @@ def test_sharded_ray_stats_equal_single_process(ray_local, corpus_file, tmp_path
                     model_spec=MODEL, dtype="fp32", device="cpu", show_progress=False)
     for s in SITES:
         assert got[s].count == single[s].count > 0
-        # Same shards, merged in the same order: equal up to float64 and thread-count rounding.
-        torch.testing.assert_close(got[s].sum, single[s].sum, rtol=1e-6, atol=1e-9)
+        # Same shards, merged in the same order: equal up to the float32 rounding of the keys
+        # themselves, which depends on the thread count (1 per Ray worker here, the machine's
+        # in this process) and the CPU's kernels: a few ulps of float32 (seen: 3e-8 absolute).
+        torch.testing.assert_close(got[s].sum, single[s].sum, **F32_KEYS)
     # Written to the store: a second call reads it back without computing.
     again = run_stats(lm, SITES, corpus, n_samples=600, max_length=16, workers=1, store=StatsStore(tmp_path / "ray"),
                       model_spec=MODEL, device="cpu", show_progress=False)
@@ -73,4 +79,4 @@ def test_interrupted_stats_resume_from_saved_shards(ray_local, corpus_file, tmp_
     assert not pdir.exists() or (pdir / saved[0]).stat().st_mtime_ns == mtime
     whole = StatsStore(tmp_path / "single").get_or_compute(lm, SITES, corpus, n_samples=600, max_length=16,
                                                              show_progress=False)
-    torch.testing.assert_close(done[SITES[1]].sum, whole[SITES[1]].sum, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(done[SITES[1]].sum, whole[SITES[1]].sum, **F32_KEYS)
