@@ -121,7 +121,9 @@ def test_mlflow_server_killed_mid_stream_then_back(tmp_path, corpus, server):
     the outage, and the run holds every evaluation and every batch step exactly once."""
     server.start()
     out = tmp_path / "runs" / "s"
-    proc = subprocess.Popen(_stream_cmd(out, corpus, server.uri, _job_yaml(tmp_path, 3, 240)), cwd=ROOT, env=_env(),
+    # a 10 s call timeout: the killed server refuses at once, and a loaded machine's slow (but
+    # answered) calls are not a second outage
+    proc = subprocess.Popen(_stream_cmd(out, corpus, server.uri, _job_yaml(tmp_path, 10, 240)), cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ck = out / "checkpoints"
     deadline = time.time() + 300
