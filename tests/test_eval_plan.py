@@ -16,13 +16,8 @@ from pipelines.config import build
 SETS = {"layers": "1,2", "v_num_grad_steps": "3", "mom2_n_samples": "64", "nullspace_threshold": "1e-3"}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    words = "paris tokyo rome knowledge editing model weights statistics shard merge ray actor".split()
-    f = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    f.write_text("\n".join(" ".join(words[(i * 5 + j) % len(words)] for j in range(4 + i % 9))
-                           for i in range(200)) + "\n")
-    return f
+# the stream tests' word corpus and local Ray instance, shared with test_pipeline_edit
+from tests.test_pipeline_edit import corpus, ray_local  # noqa: E402,F401
 
 
 def test_retention_sample_is_fixed_size_stratified_and_reproducible():
@@ -188,15 +183,6 @@ def test_kedit_evaluate_refuses_a_bad_directory(tmp_path, capsys):
 
 
 ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    from pipelines.raycluster import init_ray
-
-    init_ray(None, num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.slow
