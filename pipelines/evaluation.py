@@ -146,40 +146,50 @@ class Evaluator:
         from kedit_core.evaluate.metrics import request_values
 
         shard = self.shard
+        n_req = sum(len(reqs) for reqs, _, _ in jobs)
+        where = f"{len(shard.workers)} replica(s)" if shard is not None and jobs else "the driver"
+        log.info("evaluation point: %d requests in %d unit(s) on %s", n_req, len(jobs), where)
+        t0 = time.perf_counter()
+        bar = self._bar(len(jobs))
         if shard is None or not jobs:
             model = self.ed.model
-            results = [request_values(model, reqs, baseline=self._baseline_for(reqs), generation=gen)
-                       for reqs, gen, _ in jobs]
+            results = []
+            for reqs, gen, _ in jobs:
+                results.append(request_values(model, reqs, baseline=self._baseline_for(reqs), generation=gen))
+                bar.update(1)
         else:
-            results = self._sharded(jobs, shard)
+            results = self._sharded(jobs, shard, bar)
+        bar.close()
+        log.info("evaluation point: %d requests scored in %.1f s", n_req, time.perf_counter() - t0)
         vals: dict = {}
         for (_, _, keys), res in zip(jobs, results):
             vals.update(zip(keys, res))
         return vals
 
-    def _sharded(self, jobs: list, shard) -> list[list[dict]]:
-        """Units dealt round-robin to the replicas; each call checks the replica's weights
-        version and the sha256 of the edited sites (a replica out of step gets the driver's
-        weights and the call is repeated: RayBackend._call)."""
-        import ray
+    def _bar(self, total: int):
+        from tqdm.auto import tqdm
 
+        return tqdm(total=total, desc="evaluation units", unit="unit", leave=False,
+                    disable=not getattr(self.ed, "show_progress", True) or not total)
+
+    def _sharded(self, jobs: list, shard, bar) -> list[list[dict]]:
+        """One call per unit, dealt round-robin to the replicas with a bounded number in
+        flight (RayBackend.map: results in unit order, so no call's duration grows with the
+        number of edits and the progress bar moves per unit); each call checks the replica's
+        weights version and the sha256 of the edited sites (a replica out of step gets the
+        driver's weights and the call is repeated: RayBackend._result)."""
         from kedit_core.apply import read_weights
         from pipelines.checkpoint import tensors_hash
         from pipelines.workers import DivergedReplica
 
         sites = sorted(self.ed.applier.originals)
         sites_hash = tensors_hash(read_weights(self.ed.lm, sites, "cpu"))
-        n = len(shard.workers)
-        share = [p for p in (list(range(k, len(jobs), n)) for k in range(n)) if p]
-        calls = []
-        for w, part in zip(shard.workers, share):
-            us = [(jobs[j][0], jobs[j][1]) for j in part]
-            calls.append((w, (sites_hash, sites, ray.put(us), self._baseline_for([r for u, _ in us for r in u]))))
-        out: list = [None] * len(jobs)
+        calls = ((sites_hash, sites, [(reqs, gen)], self._baseline_for(reqs)) for reqs, gen, _ in jobs)
+        out: list = []
         try:
-            for part, res in zip(share, shard._call("evaluate_units", calls)):
-                for j, r in zip(part, res):
-                    out[j] = r
+            for (res,) in shard.map("evaluate_units", calls):
+                out.append(res)
+                bar.update(1)
         except DivergedReplica as e:   # left as it is: the end-of-stream check fails the run
             log.warning("%s: this point is evaluated on the driver", e)
             from kedit_core.evaluate.metrics import request_values
