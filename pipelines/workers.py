@@ -144,6 +144,7 @@ class EditWorker:
         self._check(version - 1)
         self.applier.apply(deltas)
         self.version = version
+        self._sites_hash = None
         return self.version
 
     def load_weights(self, version: int, weights: dict[str, torch.Tensor]) -> int:
@@ -155,6 +156,7 @@ class EditWorker:
         self.applier.originals.update(read_weights(self.lm, new))
         write_weights(self.lm, weights)
         self.version = version
+        self._sites_hash = None
         return version
 
     def weights_hash(self) -> str:
@@ -191,7 +193,11 @@ class EditWorker:
         from pipelines.checkpoint import tensors_hash
 
         self._check(version)
-        if tensors_hash(read_weights(self.lm, sites, "cpu")) != sites_hash:
+        # hashed once per weights state (sync / load_weights reset it), not once per unit
+        cached = getattr(self, "_sites_hash", None)
+        if cached is None or cached[0] != tuple(sites):
+            cached = self._sites_hash = (tuple(sites), tensors_hash(read_weights(self.lm, sites, "cpu")))
+        if cached[1] != sites_hash:
             raise DivergedReplica(f"replica at version {self.version} holds other weights than the driver's")
         return [request_values(self.lm, reqs, baseline=baseline, generation=gen) for reqs, gen in units]
 
