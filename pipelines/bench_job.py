@@ -34,8 +34,10 @@ FAMILY_METRICS = {
     "zsre": [("efficacy", "all/rewrite_acc"), ("generalisation", "all/paraphrase_acc"), ("locality", "all/locality")],
     "mquake": [("multi-hop", "bench/multihop_acc"), ("single-hop", "bench/single_hop_acc"),
                ("hop-wise", "bench/hopwise_acc")],
-    "evoke": [("efficacy AMS", "bench/efficacy_AMS"), ("multi-hop EOS", "bench/multihop_EOS"),
-              ("distraction EOS", "bench/distraction_EOS"), ("overfit EOS mean", "bench/overfit_EOS_mean")],
+    "evoke": [("efficacy AMS", "bench/efficacy_AMS"), ("paraphrase AMS", "bench/paraphrase_AMS"),
+              ("multi-hop AMS", "bench/multihop_AMS"), ("multi-hop EOS", "bench/multihop_EOS"),
+              ("distraction EOS", "bench/distraction_EOS"), ("rel-spec EOS", "bench/rel_spec_EOS"),
+              ("subj-spec EOS", "bench/subj_spec_EOS"), ("overfit EOS mean", "bench/overfit_EOS_mean")],
     "other": [("ES", "all/efficacy_score"), ("rewrite acc", "all/rewrite_acc")],
 }
 FAMILY_OF_FORMAT = {"counterfact": "counterfact", "counterfact-flat": "counterfact", "knowedit": "counterfact",
@@ -208,6 +210,14 @@ def write_report(out: Path, cfg: BenchConfig, rows: list[dict]) -> list[Path]:
         cols = FAMILY_METRICS[fam]
         lines += [f"## {fam}", "", "| method | data | " + " | ".join(c for c, _ in cols) + " | s/edit | peak RSS MB |",
                   "|---" * (len(cols) + 4) + "|"]
+        for d in dict.fromkeys(x["data"] for x in rows if x["family"] == fam):
+            # the unedited model on this dataset: every cell's stream starts from it, so the
+            # first finished cell's `pre` row stands for all (they agree, up to the methods'
+            # evaluation views: a memory method's unedited view is the bare model too)
+            pre = next((x.get("pre") for x in rows if x["data"] == d and x.get("pre")), None)
+            if pre:
+                vals = [f"{pre[k]:.3f}" if isinstance(pre.get(k), (int, float)) else "-" for _, k in cols]
+                lines.append(f"| (unedited) | {Path(d).name} | " + " | ".join(vals) + " | - | - |")
         for r in (x for x in rows if x["family"] == fam):
             post = r.get("post") or {}
             vals = [f"{post[k]:.3f}" if isinstance(post.get(k), (int, float)) else "-" for _, k in cols]
@@ -248,13 +258,15 @@ def plot_report(path: Path, cfg: BenchConfig, rows: list[dict]) -> Path:
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
     for ax, d in zip(axes[0], datasets):
         sub = [r for r in rows if r["data"] == d]
-        cols = FAMILY_METRICS[sub[0]["family"]]
+        pre = next((r["pre"] for r in sub if r.get("pre")), None)
+        bars = ([("(unedited)", pre)] if pre else []) + [(r["method"], r.get("post") or {}) for r in sub]
+        cols = [(c, k) for c, k in FAMILY_METRICS[sub[0]["family"]]
+                if any(isinstance(v.get(k), (int, float)) for _, v in bars)] or FAMILY_METRICS[sub[0]["family"]]
         x = np.arange(len(cols))
-        w = 0.8 / max(1, len(sub))
-        for i, r in enumerate(sub):
-            post = r.get("post") or {}
-            ax.bar(x + i * w, [post.get(k) if isinstance(post.get(k), (int, float)) else 0 for _, k in cols], w,
-                   label=r["method"])
+        w = 0.8 / max(1, len(bars))
+        for i, (name, vals) in enumerate(bars):
+            ax.bar(x + i * w, [vals.get(k) if isinstance(vals.get(k), (int, float)) else 0 for _, k in cols], w,
+                   label=name, color="0.75" if name == "(unedited)" else None)
         ax.set_xticks(x + w * (len(sub) - 1) / 2, [c for c, _ in cols], rotation=20)
         ax.set_ylim(0, 1.05)
         ax.set_title(Path(d).name if d != "builtin" else "built-in", fontsize=9)

@@ -341,6 +341,7 @@ class EditStream:
         try:
             if start == 0 and not rows:
                 rows.append(self._evaluate(ed, reqs, batches, 0, None))
+                rows[-1].update(self._benchmark_metrics(ed, reqs))   # the unedited model's, for comparison
                 tracker.log_metrics(rows[-1], step=0)
             bar = tqdm(total=len(batches), initial=start, desc=f"{cfg.method} stream", unit="batch",
                        disable=not self.show_progress)
@@ -489,9 +490,9 @@ class EditStream:
                                row["edits"]) for row in rows], probe="batches")
 
     def _benchmark_metrics(self, ed, reqs) -> dict:
-        """At the end of a stream, the metrics of the dataset's own benchmark beyond the
-        per-request ones: MQuAKE's multi-hop accuracy (cases whose every rewrite was edited)
-        and EVOKE's overfitting metrics, under `bench/`."""
+        """Before the first and after the last edit, the metrics of the dataset's own benchmark
+        beyond the per-request ones: MQuAKE's multi-hop accuracy (cases whose every rewrite is
+        in the stream) and EVOKE's overfitting metrics, under `bench/`."""
         from kedit_core.evaluate.evoke import evoke_metrics, has_evoke_probes
 
         out: dict = {}

@@ -50,6 +50,10 @@ def test_bench_in_process_report_resume_and_mlflow(files, tmp_path):
     assert len(rows) == 4 and {r["method"] for r in rows} == {"ft-m", "memit"}
     evoke = [r for r in rows if r["family"] == "evoke"]
     assert all(r["bench/multihop_EOS"] != "" for r in evoke)
+    # the unedited model's benchmark metrics: in each cell's first row and in the report
+    pre = json.loads((out / "cells" / "memit__evoke" / "metrics.json").read_text())["pre"]
+    assert 0.0 <= pre["bench/multihop_EOS"] <= 1.0 and "bench/efficacy_AMS" in pre
+    assert md.count("| (unedited) |") == 2
     # a finished cell is read back, not recomputed
     cell = out / "cells" / "memit__builtin" / "metrics.json"
     before = cell.stat().st_mtime_ns
