@@ -101,11 +101,27 @@ def _cell_config(cfg: BenchConfig, method: str, data: str, parent: str | None) -
 
 
 def run_cell(conf: dict) -> dict:
-    """One cell: an edit stream (resumes from its checkpoints when interrupted before)."""
+    """One cell: an edit stream (resumes from its checkpoints when interrupted before). What
+    the stream logs (resume, batches, evaluation points) goes to the cell's own `cell.log`,
+    which a Ray task would otherwise swallow."""
     from pipelines.config import RunConfig
     from pipelines.edit_job import EditStream
 
-    res = EditStream(RunConfig(**conf), show_progress=False).run()
+    Path(conf["out"]).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(Path(conf["out"]) / "cell.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    roots = [logging.getLogger(n) for n in ("pipelines", "kedit_core")]
+    levels = [r.level for r in roots]
+    for r in roots:
+        r.addHandler(handler)
+        r.setLevel(logging.INFO)
+    try:
+        res = EditStream(RunConfig(**conf), show_progress=False).run()
+    finally:
+        for r, lv in zip(roots, levels):
+            r.removeHandler(handler)
+            r.setLevel(lv)
+        handler.close()
     cell = {"pre": res["pre"], "post": res["post"], "seconds_per_edit": res["seconds_per_edit"], "n_edits": res["n_edits"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     atomic_write_text(Path(conf["out"]) / "bench_cell.json", json.dumps(cell, default=str))
@@ -163,6 +179,8 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
         init_ray(cfg.ray_address)
         task = ray.remote(num_cpus=cfg.cpus_per_cell, num_gpus=cfg.gpus_per_cell, max_retries=0)(run_cell)
         refs = {task.remote(_cell_config(cfg, m, d, parent)): cell_name(m, d) for m, d in todo}
+        log.info("%d cells queued on Ray (%s CPUs each); each cell logs to %s/cells/<cell>/cell.log",
+                 len(todo), cfg.cpus_per_cell, out)
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -172,6 +190,7 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
             except Exception as e:  # noqa: BLE001 - one failed cell does not lose the others
                 log.error("cell %s failed: %s", name, " ".join(str(e).split())[:300])
                 results[name] = {"error": " ".join(str(e).split())[:300]}
+            log.info("cell %s: %s", name, "failed" if "error" in results[name] else "finished")
             bar.update(1)
     else:
         for m, d in todo:

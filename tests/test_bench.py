@@ -54,6 +54,7 @@ def test_bench_in_process_report_resume_and_mlflow(files, tmp_path):
     pre = json.loads((out / "cells" / "memit__evoke" / "metrics.json").read_text())["pre"]
     assert 0.0 <= pre["bench/multihop_EOS"] <= 1.0 and "bench/efficacy_AMS" in pre
     assert md.count("| (unedited) |") == 2
+    assert "after 2 edits" in (out / "cells" / "memit__evoke" / "cell.log").read_text()
     # a finished cell is read back, not recomputed
     cell = out / "cells" / "memit__builtin" / "metrics.json"
     before = cell.stat().st_mtime_ns
