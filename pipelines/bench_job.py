@@ -10,6 +10,13 @@ parent run (OUT/mlflow.json) and one child run per cell (`mlflow.parentRunId`). 
 OUT/report.md (one table per benchmark family, with its metrics), OUT/report.csv (every
 cell's final metrics), OUT/report.png (the main metrics per method and dataset), also logged to
 the parent run.
+
+Variants: a method written `NAME@LABEL` (e.g. `rome@lti`) is method NAME with the
+hyper-parameters `--set NAME@LABEL.k=v` on top of NAME's own `--set` values, in its own cells
+beside NAME's (ROME against ROME-LTI in one table). A bench directory grows: a later run with
+the same shared settings (model, limit, batch size, evaluation, statistics corpus, dtype) and
+more methods or datasets adds their cells, keeps the finished ones, and reports every cell the
+directory holds; a cell asked for again with other hyper-parameters is refused.
 """
 
 from __future__ import annotations
@@ -66,11 +73,25 @@ class BenchConfig:
     dtype: str = "fp32"
     skip_invalid: bool = True
 
-    IDENTITY = ("model", "methods", "data", "limit", "batch_size", "eval_every", "perplexity_texts", "stats_corpus",
-                "set", "dtype")
+    # settings every cell of a bench directory shares (methods, datasets and the per-method
+    # hyper-parameters are per cell: see run_bench)
+    IDENTITY = ("model", "limit", "batch_size", "eval_every", "perplexity_texts", "stats_corpus", "dtype")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def base_method(method: str) -> str:
+    """The registered method of a bench entry: `rome@lti` -> `rome`."""
+    return method.split("@", 1)[0]
+
+
+def cell_set(cfg: "BenchConfig", method: str) -> dict:
+    """A cell's hyper-parameters: the base method's --set values, then the variant's."""
+    out = dict(cfg.set.get(base_method(method), {}))
+    if method != base_method(method):
+        out.update(cfg.set.get(method, {}))
+    return out
 
 
 def cell_name(method: str, data: str) -> str:
@@ -92,9 +113,9 @@ def family(data: str) -> str:
 def _cell_config(cfg: BenchConfig, method: str, data: str, parent: str | None) -> dict:
     from pipelines.config import RunConfig
 
-    rc = RunConfig(model=cfg.model, method=method, data=data, limit=cfg.limit, batch_size=cfg.batch_size,
+    rc = RunConfig(model=cfg.model, method=base_method(method), data=data, limit=cfg.limit, batch_size=cfg.batch_size,
                    workers=0, eval_every=cfg.eval_every, out=str(Path(cfg.out) / "cells" / cell_name(method, data)),
-                   stats_corpus=cfg.stats_corpus, set=dict(cfg.set.get(method, {})), perplexity_texts=cfg.perplexity_texts,
+                   stats_corpus=cfg.stats_corpus, set=cell_set(cfg, method), perplexity_texts=cfg.perplexity_texts,
                    tracking_uri=cfg.tracking_uri, experiment=cfg.experiment, parent_run_id=parent,
                    device=cfg.device, dtype=cfg.dtype, skip_invalid=cfg.skip_invalid)
     return rc.to_dict()
@@ -139,7 +160,12 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
     from kedit_core.methods import get_method
 
     for m in cfg.methods:
-        get_method(m)                          # unknown names are refused before any work
+        get_method(base_method(m))             # unknown names are refused before any work
+        if "@" in m and not m.split("@", 1)[1]:
+            raise BadInputError(f"a variant needs a label after '@', got {m!r}", field="methods")
+    unused = sorted(k for k in cfg.set if k not in cfg.methods and k not in {base_method(m) for m in cfg.methods})
+    if unused:
+        log.warning("--set for %s, which is not among --methods: ignored", ", ".join(unused))
     for d in cfg.data:
         if d != "builtin" and not Path(d).is_file():
             raise BadInputError("no such dataset file", file=d, field="data")
@@ -147,17 +173,33 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     ident = json.loads(json.dumps({k: getattr(cfg, k) for k in BenchConfig.IDENTITY}, default=list))
     rec = out / "bench.json"
+    cells = [(m, d) for d in cfg.data for m in cfg.methods]
+    known: dict[str, dict] = {}                 # every cell this directory holds, in the order added
     if rec.is_file():
-        diff = differences(json.loads(rec.read_text()).get("identity", {}), ident)
+        try:
+            old = json.loads(rec.read_text())
+        except ValueError as e:
+            raise BadInputError(f"unreadable bench record ({e})", file=str(rec)) from None
+        diff = differences({k: old.get("identity", {}).get(k) for k in BenchConfig.IDENTITY}, ident)
         if diff:
             raise BadInputError(f"holds another bench ({'; '.join(diff)[:300]}); choose another --out", file=str(rec))
-    else:
-        atomic_write_text(rec, json.dumps({"identity": ident, "config": cfg.to_dict()}, indent=1, default=list))
+        known = old.get("cells") or {               # a record written before cells were recorded
+            cell_name(m, d): {"method": m, "data": d, "set": old.get("config", {}).get("set", {}).get(m, {})}
+            for d in old.get("config", {}).get("data", []) for m in old.get("config", {}).get("methods", [])}
+    for m, d in cells:
+        want = json.loads(json.dumps(cell_set(cfg, m), default=list))
+        have = known.get(cell_name(m, d))
+        if have is not None and have.get("set", {}) != want:
+            diff = differences(have.get("set", {}), want)
+            raise BadInputError(f"cell {cell_name(m, d)} was run with other hyper-parameters ({'; '.join(diff)[:300]}); "
+                                f"name a variant (METHOD@LABEL) or choose another --out", file=str(rec))
+        known.setdefault(cell_name(m, d), {"method": m, "data": d, "set": want})
+    atomic_write_text(rec, json.dumps({"identity": ident, "config": cfg.to_dict(), "cells": known}, indent=1,
+                                      default=list))
     tracker = Tracker(out, cfg.tracking_uri, cfg.experiment)
     cfg.tracking_uri = tracker.uri           # the cells' child runs go to the parent's store
     parent = tracker.start_parent("bench", {k: v for k, v in cfg.to_dict().items() if k != "set"},
                                   {"kedit_bench": "parent"})
-    cells = [(m, d) for d in cfg.data for m in cfg.methods]
     results: dict[str, dict] = {}
     todo = []
     for m, d in cells:
@@ -177,7 +219,10 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
         from pipelines.raycluster import init_ray
 
         init_ray(cfg.ray_address)
-        task = ray.remote(num_cpus=cfg.cpus_per_cell, num_gpus=cfg.gpus_per_cell, max_retries=0)(run_cell)
+        # max_calls=1: every cell in a fresh worker process (its peak RSS is its own, and no
+        # memory carries from one cell to the next)
+        task = ray.remote(num_cpus=cfg.cpus_per_cell, num_gpus=cfg.gpus_per_cell, max_retries=0,
+                          max_calls=1)(run_cell)
         refs = {task.remote(_cell_config(cfg, m, d, parent)): cell_name(m, d) for m, d in todo}
         log.info("%d cells queued on Ray (%s CPUs each); each cell logs to %s/cells/<cell>/cell.log",
                  len(todo), cfg.cpus_per_cell, out)
@@ -205,9 +250,13 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
             bar.update(1)
     bar.close()
     rows = []
-    for m, d in cells:
-        r = results.get(cell_name(m, d), {})
-        rows.append({"method": m, "data": d, "family": family(d), "cell": cell_name(m, d), **r})
+    for name, c in known.items():     # this run's cells and those of earlier runs in this directory
+        r = results.get(name)
+        if r is None:
+            done = out / "cells" / name / "bench_cell.json"
+            r = json.loads(done.read_text()) if done.is_file() else {"unfinished": True}
+        rows.append({"method": c["method"], "data": c["data"], "family": family(c["data"]), "cell": name,
+                     "set": c.get("set", {}), **r})
     paths = write_report(out, cfg, rows)
     for p in paths:
         tracker.log_artifact(p)
@@ -221,9 +270,15 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
 
 
 def write_report(out: Path, cfg: BenchConfig, rows: list[dict]) -> list[Path]:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    datasets = list(dict.fromkeys(r["data"] for r in rows))
     lines = [f"# kedit bench: {cfg.model}", "",
-             f"{len(cfg.methods)} methods x {len(cfg.data)} datasets, first {cfg.limit} records each, sequential "
-             f"batches of {cfg.batch_size}; metrics over all edits at the end of each stream.", ""]
+             f"{len(methods)} methods x {len(datasets)} datasets ({len(rows)} cells), first {cfg.limit} records each, "
+             f"sequential batches of {cfg.batch_size}; metrics over all edits at the end of each stream.", ""]
+    variants = {r["method"]: r for r in rows if "@" in r["method"]}
+    if variants:
+        lines += ["Variants: " + "; ".join(f"`{m}` = {base_method(m)} with {json.dumps(r.get('set', {}))}"
+                                           for m, r in variants.items()), ""]
     csv_rows = []
     for fam in dict.fromkeys(r["family"] for r in rows):
         cols = FAMILY_METRICS[fam]
@@ -240,8 +295,8 @@ def write_report(out: Path, cfg: BenchConfig, rows: list[dict]) -> list[Path]:
         for r in (x for x in rows if x["family"] == fam):
             post = r.get("post") or {}
             vals = [f"{post[k]:.3f}" if isinstance(post.get(k), (int, float)) else "-" for _, k in cols]
-            if "error" in r:
-                vals = ["failed"] + ["-"] * (len(cols) - 1)
+            if "error" in r or r.get("unfinished"):
+                vals = ["failed" if "error" in r else "not run yet"] + ["-"] * (len(cols) - 1)
             spe = f"{r['seconds_per_edit']:.2f}" if isinstance(r.get("seconds_per_edit"), (int, float)) else "-"
             rss = f"{r['peak_rss_mb']:.0f}" if isinstance(r.get("peak_rss_mb"), (int, float)) else "-"
             lines.append(f"| {r['method']} | {Path(r['data']).name} | " + " | ".join(vals) + f" | {spe} | {rss} |")

@@ -71,6 +71,35 @@ def test_bench_in_process_report_resume_and_mlflow(files, tmp_path):
     assert cli(argv(out, files, "--no-ray", "--limit", "2")) == 2
 
 
+def test_bench_directory_grows_by_variants_and_datasets(files, tmp_path):
+    """A variant (METHOD@LABEL) runs the base method with its own --set on top of the base's;
+    a later run in the same directory adds cells, keeps the finished ones, and reports all."""
+    out = tmp_path / "grow"
+    common = ["--model", "tiny-random-llama", "--device", "cpu", "--limit", "2", "--batch-size", "2",
+              "--perplexity-texts", "0", "--no-ray", "--set", "ft-m.layers=1", "--set", "ft-m.num_steps=2", "--out", str(out)]
+    assert cli(["bench", "--methods", "ft-m", "--data", "builtin", *common]) == 0
+    first = out / "cells" / "ft-m__builtin" / "metrics.json"
+    stamp = first.stat().st_mtime_ns
+    assert cli(["bench", "--methods", "ft-m,ft-m@long", "--data", f"builtin,{files / 'evoke.json'}",
+                "--set", "ft-m@long.num_steps=6", *common]) == 0
+    assert first.stat().st_mtime_ns == stamp                     # finished cell read back
+    cells = json.loads((out / "bench.json").read_text())["cells"]
+    assert set(cells) == {"ft-m__builtin", "ft-m@long__builtin", "ft-m__evoke", "ft-m@long__evoke"}
+    # the variant is ft-m with the base's layers and its own step count
+    run = json.loads((out / "cells" / "ft-m@long__builtin" / "metrics.json").read_text())
+    assert run["hparams"]["num_steps"] == 6 and list(run["hparams"]["layers"]) == [1]
+    assert json.loads(first.read_text())["hparams"]["num_steps"] == 2
+    # a third run asking for one dataset only still reports every cell of the directory
+    assert cli(["bench", "--methods", "ft-m", "--data", "builtin", *common]) == 0
+    md = (out / "report.md").read_text()
+    assert md.count("| ft-m@long |") == 2 and md.count("| ft-m |") == 2 and "`ft-m@long` = ft-m with" in md
+    # the same cell with other hyper-parameters is refused, nothing is touched
+    before = (out / "bench.json").read_text()
+    assert cli(["bench", "--methods", "ft-m@long", "--data", "builtin", "--set", "ft-m@long.num_steps=7", *common]) == 2
+    assert (out / "bench.json").read_text() == before
+    assert cli(["bench", "--methods", "nosuch@x", "--data", "builtin", *common]) == 2
+
+
 @pytest.mark.slow
 def test_bench_on_ray_resumes_cell_by_cell_after_sigkill(files, tmp_path):
     out = tmp_path / "ray"
