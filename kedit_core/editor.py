@@ -119,9 +119,17 @@ class Editor:
         return m
 
     def heldout(self, n_texts: int) -> HeldOut:
-        """The held-out perplexity texts (chosen once per size; see evaluate.perplexity)."""
+        """The held-out perplexity texts (chosen once per size; see evaluate.perplexity).
+        A method without statistics skips as many texts as MEMIT's statistics would on this
+        model, so that every method of a comparison (kedit bench) is scored on the same texts."""
         if n_texts not in self._heldout:
-            used = getattr(self.cfg, "mom2_n_samples", 0) if self.method.required_stats(self.cfg, self.lm) else 0
+            if self.method.required_stats(self.cfg, self.lm):
+                used = getattr(self.cfg, "mom2_n_samples", 0)
+            else:
+                from kedit_core.methods import get_method
+
+                memit = get_method("memit").config_cls
+                used = memit.defaults_for(self.lm).get("mom2_n_samples", memit.mom2_n_samples)
             self._heldout[n_texts] = heldout_texts(self.lm, self.corpus, used, n_texts,
                                                    perplexity_corpus=self.perplexity_corpus)
         return self._heldout[n_texts]

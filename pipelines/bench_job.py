@@ -282,8 +282,8 @@ def write_report(out: Path, cfg: BenchConfig, rows: list[dict]) -> list[Path]:
     csv_rows = []
     for fam in dict.fromkeys(r["family"] for r in rows):
         cols = FAMILY_METRICS[fam]
-        lines += [f"## {fam}", "", "| method | data | " + " | ".join(c for c, _ in cols) + " | s/edit | peak RSS MB |",
-                  "|---" * (len(cols) + 4) + "|"]
+        lines += [f"## {fam}", "", "| method | data | " + " | ".join(c for c, _ in cols)
+                  + " | perplexity (before -> after) | s/edit | peak RSS MB |", "|---" * (len(cols) + 5) + "|"]
         for d in dict.fromkeys(x["data"] for x in rows if x["family"] == fam):
             # the unedited model on this dataset: every cell's stream starts from it, so the
             # first finished cell's `pre` row stands for all (they agree, up to the methods'
@@ -291,7 +291,8 @@ def write_report(out: Path, cfg: BenchConfig, rows: list[dict]) -> list[Path]:
             pre = next((x.get("pre") for x in rows if x["data"] == d and x.get("pre")), None)
             if pre:
                 vals = [f"{pre[k]:.3f}" if isinstance(pre.get(k), (int, float)) else "-" for _, k in cols]
-                lines.append(f"| (unedited) | {Path(d).name} | " + " | ".join(vals) + " | - | - |")
+                ppl = f"{pre['perplexity']:.2f}" if isinstance(pre.get("perplexity"), (int, float)) else "-"
+                lines.append(f"| (unedited) | {Path(d).name} | " + " | ".join(vals) + f" | {ppl} | - | - |")
         for r in (x for x in rows if x["family"] == fam):
             post = r.get("post") or {}
             vals = [f"{post[k]:.3f}" if isinstance(post.get(k), (int, float)) else "-" for _, k in cols]
@@ -299,7 +300,9 @@ def write_report(out: Path, cfg: BenchConfig, rows: list[dict]) -> list[Path]:
                 vals = ["failed" if "error" in r else "not run yet"] + ["-"] * (len(cols) - 1)
             spe = f"{r['seconds_per_edit']:.2f}" if isinstance(r.get("seconds_per_edit"), (int, float)) else "-"
             rss = f"{r['peak_rss_mb']:.0f}" if isinstance(r.get("peak_rss_mb"), (int, float)) else "-"
-            lines.append(f"| {r['method']} | {Path(r['data']).name} | " + " | ".join(vals) + f" | {spe} | {rss} |")
+            a, b = (r.get("pre") or {}).get("perplexity"), post.get("perplexity")
+            ppl = f"{a:.2f} -> {b:.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "-"
+            lines.append(f"| {r['method']} | {Path(r['data']).name} | " + " | ".join(vals) + f" | {ppl} | {spe} | {rss} |")
         lines.append("")
     for r in rows:
         post = r.get("post") or {}

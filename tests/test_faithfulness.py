@@ -86,6 +86,20 @@ def test_editor_perplexity_uses_a_separate_source_when_statistics_took_everythin
     assert m["perplexity"] > 1.0 and ed.heldout(4).separate
 
 
+def test_methods_with_and_without_statistics_score_perplexity_on_the_same_texts(tmp_path):
+    """kedit bench compares methods: FT-M (no statistics) once skipped no text and was scored
+    on other texts than MEMIT (SmolLM2: unedited perplexity 61.85 vs 47.73 on one dataset)."""
+    from kedit_core import Editor
+
+    c = tmp_path / "c.txt"
+    c.write_text("\n".join(f"sentence {i} about Paris and Rome" for i in range(40)))
+    eds = {m: Editor("tiny-random-llama", m, str(c), device="cpu", show_progress=False,
+                     stats_dir=str(tmp_path / "stats"), **kw)
+           for m, kw in {"memit": {"layers": (1,)}, "ft-m": {}, "memprompt": {}}.items()}
+    texts = {m: ed.heldout(4).texts for m, ed in eds.items()}
+    assert texts["ft-m"] == texts["memit"] == texts["memprompt"] and len(texts["memit"]) == 4
+
+
 # ------------------------------------------------------------------ metric definitions
 def test_magnitudes_are_per_token_geometric_means_and_accuracies_have_two_names(lm):
     r = EditRequest(case_id="x", subject="Paris", prompt="{} is in", target_new="Rome city",
