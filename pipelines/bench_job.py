@@ -110,6 +110,13 @@ def family(data: str) -> str:
         return "other"
 
 
+def unedited(rows: list[dict], data: str) -> dict | None:
+    """The unedited model's row on a dataset: every cell's stream starts from it, so the first
+    finished cell's `pre` row stands for all (methods without statistics read the same
+    perplexity texts, and a memory method's unedited view is the bare model)."""
+    return next((r["pre"] for r in rows if r["data"] == data and r.get("pre")), None)
+
+
 def _cell_config(cfg: BenchConfig, method: str, data: str, parent: str | None) -> dict:
     from pipelines.config import RunConfig
 
@@ -250,12 +257,13 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
             bar.update(1)
     bar.close()
     rows = []
+    families = {d: family(d) for d in dict.fromkeys(c["data"] for c in known.values())}   # one read per dataset
     for name, c in known.items():     # this run's cells and those of earlier runs in this directory
         r = results.get(name)
         if r is None:
             done = out / "cells" / name / "bench_cell.json"
             r = json.loads(done.read_text()) if done.is_file() else {"unfinished": True}
-        rows.append({"method": c["method"], "data": c["data"], "family": family(c["data"]), "cell": name,
+        rows.append({"method": c["method"], "data": c["data"], "family": families[c["data"]], "cell": name,
                      "set": c.get("set", {}), **r})
     paths = write_report(out, cfg, rows)
     for p in paths:
@@ -285,10 +293,7 @@ def write_report(out: Path, cfg: BenchConfig, rows: list[dict]) -> list[Path]:
         lines += [f"## {fam}", "", "| method | data | " + " | ".join(c for c, _ in cols)
                   + " | perplexity (before -> after) | s/edit | peak RSS MB |", "|---" * (len(cols) + 5) + "|"]
         for d in dict.fromkeys(x["data"] for x in rows if x["family"] == fam):
-            # the unedited model on this dataset: every cell's stream starts from it, so the
-            # first finished cell's `pre` row stands for all (they agree, up to the methods'
-            # evaluation views: a memory method's unedited view is the bare model too)
-            pre = next((x.get("pre") for x in rows if x["data"] == d and x.get("pre")), None)
+            pre = unedited(rows, d)
             if pre:
                 vals = [f"{pre[k]:.3f}" if isinstance(pre.get(k), (int, float)) else "-" for _, k in cols]
                 ppl = f"{pre['perplexity']:.2f}" if isinstance(pre.get("perplexity"), (int, float)) else "-"
@@ -335,7 +340,7 @@ def plot_report(path: Path, cfg: BenchConfig, rows: list[dict]) -> Path:
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
     for ax, d in zip(axes[0], datasets):
         sub = [r for r in rows if r["data"] == d]
-        pre = next((r["pre"] for r in sub if r.get("pre")), None)
+        pre = unedited(rows, d)
         bars = ([("(unedited)", pre)] if pre else []) + [(r["method"], r.get("post") or {}) for r in sub]
         cols = [(c, k) for c, k in FAMILY_METRICS[sub[0]["family"]]
                 if any(isinstance(v.get(k), (int, float)) for _, v in bars)] or FAMILY_METRICS[sub[0]["family"]]
