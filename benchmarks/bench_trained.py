@@ -61,7 +61,9 @@ def train(a) -> None:
         res = run_training(cfg, show_progress=True)
         wall = time.perf_counter() - t0
         hist = json.loads(sorted((out / "checkpoints").iterdir())[-1].joinpath("state.json").read_text())["history"]
-        rows.append({"method": m, "steps": res["steps"], "minutes": wall / 60, "s_per_step": res.get("s_per_step"),
+        # minutes of the training loop itself (a finished directory read back reports the same)
+        minutes = res["steps"] * res["s_per_step"] / 60 if res.get("s_per_step") else wall / 60
+        rows.append({"method": m, "steps": res["steps"], "minutes": minutes, "s_per_step": res.get("s_per_step"),
                      "batch_size": a.batch_size, **{f"val_{k}": v for k, v in res["validation"].items()},
                      "history": hist, "editor": str(out / "editor")})
         print(rows[-1], flush=True)
@@ -72,7 +74,7 @@ def train(a) -> None:
     rows = [r for r in old if r["method"] not in {x["method"] for x in rows}] + rows
     path = write(name, rows, cols, f"{a.model}, trained in-process on this CPU with a time budget of {a.minutes} "
                  f"minutes per editor on {', '.join(p.name for p in TRAIN_DATA)} (validation: a held-out 10% "
-                 f"split, 50 examples). Overrides: {json.dumps(TRAIN_SETS)}.")
+                 f"split, 50 examples). Overrides: {json.dumps(TRAIN_SETS)}. {a.note}")
     plot_curves(rows, RESULTS / f"{name}.png")
     with path.open("a") as f:
         f.write(f"\n![validation curves]({name}.png)\n")
@@ -84,7 +86,7 @@ def plot_curves(rows: list[dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for r in rows:
         h = r.get("history") or []
         if not h:
@@ -92,8 +94,10 @@ def plot_curves(rows: list[dict], png: Path) -> None:
         steps = [x["step"] for x in h]
         axes[0].plot(steps, [x["loss"] for x in h], label=r["method"])
         axes[1].plot(steps, [x.get("edit_acc", float("nan")) for x in h], label=r["method"])
+        axes[2].plot(steps, [x.get("loc_agree", x.get("cls_neg_acc", float("nan"))) for x in h], label=r["method"])
     axes[0].set(title="validation loss", xlabel="step")
     axes[1].set(title="validation edit accuracy", xlabel="step", ylim=(0, 1.02))
+    axes[2].set(title="validation locality (SERAC: out-of-scope routing)", xlabel="step", ylim=(0, 1.02))
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -137,21 +141,45 @@ def eval_one(method: str, a) -> dict:
     return row
 
 
+# one long table: a row per method x dataset x mode; the columns carry kedit_core.evaluate's names
+LONG = {"counterfact": {"efficacy": "efficacy_score", "generalization": "paraphrase_score",
+                        "neighborhood_score": "neighborhood_score", "locality": "locality"},
+        "zsre": {"efficacy": "rewrite_acc", "generalization": "paraphrase_acc", "locality": "locality"}}
+
+
+def long_rows(wide: dict) -> list[dict]:
+    out = []
+    for ds, names in LONG.items():
+        for mode in ("single", "stream"):
+            r = {"method": wide["method"], "dataset": ds, "mode": mode}
+            r.update({col: wide.get(f"{ds}_{mode}_{k}") for col, k in names.items()})
+            r["s_per_edit"] = wide.get(f"{ds}_s_per_edit") if mode == "single" else None
+            r["peak_rss_mb"] = wide.get("peak_rss_mb")
+            out.append(r)
+    return out
+
+
 def evaluate(a) -> None:
     name = f"trained_vs_ftm_memit_{a.model}"
-    old = json.loads((RESULTS / f"{name}.json").read_text())["rows"] if (RESULTS / f"{name}.json").exists() else []
-    methods = a.methods.split(",")
-    rows = [r for r in old if r["method"] not in methods]
-    for m in methods:
-        rows.append(run_child(__file__, ["--one", m, "--n", str(a.n), "--stream", str(a.stream), "--model", a.model,
-                                         *(["--work", a.work] if a.work else [])], m))
-        cols = ["method"]
-        for ds in EVAL_DATA:
-            cols += [f"{ds}_single_{k}" for k in KEYS[ds]] + [f"{ds}_stream_{k}" for k in KEYS[ds]] + [f"{ds}_s_per_edit"]
+    order = ["ft-m", "memit", *TRAINED]
+    cols = ["method", "dataset", "mode", "efficacy", "generalization", "locality", "neighborhood_score",
+            "s_per_edit", "peak_rss_mb"]
+    for m in a.methods.split(","):
+        row = run_child(__file__, ["--one", m, "--n", str(a.n), "--stream", str(a.stream), "--model", a.model,
+                                   *(["--work", a.work] if a.work else [])], m)
+        # read the table again just before writing: two evaluations of different methods may run at once
+        old = json.loads((RESULTS / f"{name}.json").read_text())["rows"] if (RESULTS / f"{name}.json").exists() else []
+        rows = sorted([r for r in old if r["method"] != m] + long_rows(row),
+                      key=lambda r: (r["dataset"], order.index(r["method"]) if r["method"] in order else 99,
+                                     r["mode"]))
         write(name, rows, cols, f"{a.model}: first {a.n} records of {EVAL_DATA['zsre'].name} and "
-              f"{EVAL_DATA['counterfact'].name} (never seen in training). single: one edit, evaluated, the model "
-              f"reset; stream: the first {a.stream} edited in sequence (batch 1), then evaluated together. "
-              "CounterFact: ES / PS / NS; zsRE: token accuracies and locality (unchanged argmax).")
+              f"{EVAL_DATA['counterfact'].name} (never seen in training). single: one edit (batch 1), evaluated, "
+              f"the model reset; stream: the first {a.stream} records edited in sequence (batch 1), then evaluated "
+              "together. efficacy / generalization: zsRE rewrite_acc / paraphrase_acc (token accuracy), "
+              "CounterFact efficacy_score / paraphrase_score (ES / PS, probability comparisons); "
+              "neighborhood_score: CounterFact NS; locality: share of locality-answer tokens whose argmax is "
+              "the unedited model's. s_per_edit: the method's compute per single edit; peak_rss_mb: the "
+              "method's evaluation process.")
 
 
 def main() -> None:
@@ -167,6 +195,7 @@ def main() -> None:
     ap.add_argument("--set", default="{}", help='JSON per-method overrides, e.g. {"mend": {"lr": 1e-5}}')
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--stream", type=int, default=100)
+    ap.add_argument("--note", default="", help="a sentence for the table's notes (how loaded the machine was)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
