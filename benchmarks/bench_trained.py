@@ -111,6 +111,7 @@ KEYS = {"counterfact": ["efficacy_score", "paraphrase_score", "neighborhood_scor
 def eval_one(method: str, a) -> dict:
     import numpy as np
     import torch
+    from tqdm import tqdm
 
     from kedit_core import Editor
     from kedit_core.data import read_dataset
@@ -122,7 +123,7 @@ def eval_one(method: str, a) -> dict:
     for ds, path in EVAL_DATA.items():
         reqs = read_dataset(path).requests[:a.n]
         singles, secs = {k: [] for k in KEYS[ds]}, []
-        for r in reqs:                                   # single edits, the model reset between them
+        for r in tqdm(reqs, desc=f"{method} {ds} single edits", file=sys.stderr, mininterval=30):
             rec = ed.edit_batch([r])
             secs.append(rec["seconds"])
             m = ed.evaluate([r], generation=False)
@@ -133,6 +134,8 @@ def eval_one(method: str, a) -> dict:
         row.update({f"{ds}_single_{k}": float(np.mean(v)) for k, v in singles.items() if v})
         row[f"{ds}_s_per_edit"] = float(np.mean(secs))
         stream = reqs[:a.stream]                         # a sequential stream, batch 1
+        print(f"{method} {ds}: a stream of {len(stream)} edits (batch 1), then its evaluation", file=sys.stderr,
+              flush=True)
         ed.edit(stream, batch_size=1)
         m = ed.evaluate(stream, generation=False)
         row.update({f"{ds}_stream_{k}": m.get(k) for k in KEYS[ds]})

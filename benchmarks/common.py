@@ -52,12 +52,14 @@ def run_child(script: str, args: list[str], label: str) -> dict:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+    # stdout carries the result; stderr (progress bars, logs) goes straight to ours, so a long
+    # child shows what it is doing while it runs
+    out = subprocess.run([sys.executable, script, *args], stdout=subprocess.PIPE, text=True,
                          cwd=Path(__file__).resolve().parents[1])
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     if not line:
-        print(out.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"{label} failed")
+        print(out.stdout[-3000:], file=sys.stderr)
+        raise SystemExit(f"{label} failed (exit {out.returncode})")
     row = json.loads(line[0][7:])
     print(row, flush=True)
     return row
