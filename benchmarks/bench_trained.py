@@ -117,9 +117,16 @@ def eval_one(method: str, a) -> dict:
     from kedit_core.data import read_dataset
 
     torch.manual_seed(0)
+    row: dict = {"method": method}
+    if method == "unedited":                              # the baseline row: the same records, no edit
+        ed = Editor(a.model, "ft-m", show_progress=False)
+        for ds, path in EVAL_DATA.items():
+            m = ed.evaluate(read_dataset(path).requests[:a.n], generation=False)
+            row.update({f"{ds}_single_{k}": m.get(k) for k in KEYS[ds]})
+        row["peak_rss_mb"] = peak_rss_mb()
+        return row
     extra = {"editor": str(work_dir(a) / f"train-{method}" / "editor")} if method in TRAINED else {}
     ed = Editor(a.model, method, show_progress=False, **extra)
-    row: dict = {"method": method}
     for ds, path in EVAL_DATA.items():
         reqs = read_dataset(path).requests[:a.n]
         singles, secs = {k: [] for k in KEYS[ds]}, []
@@ -156,6 +163,8 @@ def long_rows(wide: dict) -> list[dict]:
         for mode in ("single", "stream"):
             r = {"method": wide["method"], "dataset": ds, "mode": mode}
             r.update({col: wide.get(f"{ds}_{mode}_{k}") for col, k in names.items()})
+            if all(r[col] is None for col in names):
+                continue                                   # the unedited row has no stream
             r["s_per_edit"] = wide.get(f"{ds}_s_per_edit") if mode == "single" else None
             r["peak_rss_mb"] = wide.get("peak_rss_mb")
             out.append(r)
@@ -164,7 +173,7 @@ def long_rows(wide: dict) -> list[dict]:
 
 def evaluate(a) -> None:
     name = f"trained_vs_ftm_memit_{a.model}"
-    order = ["ft-m", "memit", *TRAINED]
+    order = ["unedited", "ft-m", "memit", *TRAINED]
     cols = ["method", "dataset", "mode", "efficacy", "generalization", "locality", "neighborhood_score",
             "s_per_edit", "peak_rss_mb"]
     for m in a.methods.split(","):
