@@ -26,7 +26,10 @@ def peak_rss_mb() -> float:
 
 def write(name: str, rows: list[dict], columns: list[str], notes: str = "") -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+    # atomic: a later run (or a second evaluation running beside this one) reads the table back
+    from kedit_core.io import atomic_write_text
+
+    atomic_write_text(RESULTS / f"{name}.json", json.dumps({"machine": machine(), "rows": rows}, indent=1))
     lines = [f"# {name}", "", notes, "", "| " + " | ".join(columns) + " |",
              "|" + "---|" * len(columns)]
     for r in rows:
