@@ -108,6 +108,15 @@ KEYS = {"counterfact": ["efficacy_score", "paraphrase_score", "neighborhood_scor
         "zsre": ["rewrite_acc", "paraphrase_acc", "locality"]}
 
 
+def datasets(a) -> dict:
+    """The evaluation files `--datasets` selects (default: both)."""
+    names = a.datasets.split(",") if a.datasets else list(EVAL_DATA)
+    unknown = [n for n in names if n not in EVAL_DATA]
+    if unknown:
+        raise SystemExit(f"bench_trained: --datasets: unknown {unknown}; choose from {list(EVAL_DATA)}")
+    return {n: EVAL_DATA[n] for n in names}
+
+
 def eval_one(method: str, a) -> dict:
     import numpy as np
     import torch
@@ -120,14 +129,14 @@ def eval_one(method: str, a) -> dict:
     row: dict = {"method": method}
     if method == "unedited":                              # the baseline row: the same records, no edit
         ed = Editor(a.model, "ft-m", show_progress=False)
-        for ds, path in EVAL_DATA.items():
+        for ds, path in datasets(a).items():
             m = ed.evaluate(read_dataset(path).requests[:a.n], generation=False)
             row.update({f"{ds}_single_{k}": m.get(k) for k in KEYS[ds]})
         row["peak_rss_mb"] = peak_rss_mb()
         return row
     extra = {"editor": str(work_dir(a) / f"train-{method}" / "editor")} if method in TRAINED else {}
     ed = Editor(a.model, method, show_progress=False, **extra)
-    for ds, path in EVAL_DATA.items():
+    for ds, path in datasets(a).items():
         reqs = read_dataset(path).requests[:a.n]
         singles, secs = {k: [] for k in KEYS[ds]}, []
         for r in tqdm(reqs, desc=f"{method} {ds} single edits", file=sys.stderr, mininterval=30):
@@ -178,10 +187,12 @@ def evaluate(a) -> None:
             "s_per_edit", "peak_rss_mb"]
     for m in a.methods.split(","):
         row = run_child(__file__, ["--one", m, "--n", str(a.n), "--stream", str(a.stream), "--model", a.model,
-                                   *(["--work", a.work] if a.work else [])], m)
+                                   *(["--work", a.work] if a.work else []),
+                                   *(["--datasets", a.datasets] if a.datasets else [])], m)
+        done = set(datasets(a))                          # only these datasets' rows of `m` are replaced
         # read the table again just before writing: two evaluations of different methods may run at once
         old = json.loads((RESULTS / f"{name}.json").read_text())["rows"] if (RESULTS / f"{name}.json").exists() else []
-        rows = sorted([r for r in old if r["method"] != m] + long_rows(row),
+        rows = sorted([r for r in old if not (r["method"] == m and r["dataset"] in done)] + long_rows(row),
                       key=lambda r: (r["dataset"], order.index(r["method"]) if r["method"] in order else 99,
                                      r["mode"]))
         write(name, rows, cols, f"{a.model}: first {a.n} records of {EVAL_DATA['zsre'].name} and "
@@ -207,6 +218,9 @@ def main() -> None:
     ap.add_argument("--set", default="{}", help='JSON per-method overrides, e.g. {"mend": {"lr": 1e-5}}')
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--stream", type=int, default=100)
+    ap.add_argument("--datasets", default=None,
+                    help="comma-separated evaluation sets (zsre,counterfact; default both): one process per "
+                         "dataset lets a slow method's evaluation use both cores")
     ap.add_argument("--note", default="", help="a sentence for the table's notes (how loaded the machine was)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
