@@ -12,7 +12,8 @@ Two stages, each resumable:
         on the first N records of zsRE eval and CounterFact val (no training step saw them):
         single edits (batch 1, the model reset between edits) and a sequential stream of the
         first `stream` records (batch 1), each method in its own process; writes
-        trained_vs_ftm_memit_<model>.{md,json}.
+        trained_vs_ftm_memit_<model>.{md,json}. `--datasets zsre` (or counterfact) evaluates one
+        set, so a slow method can run as two processes, one per core.
 
 Metrics: CounterFact ES / PS / NS (probability comparisons) and zsRE rewrite_acc /
 paraphrase_acc (token accuracy) / locality (unchanged argmax on the locality prompt), the
@@ -185,11 +186,11 @@ def evaluate(a) -> None:
     order = ["unedited", "ft-m", "memit", *TRAINED]
     cols = ["method", "dataset", "mode", "efficacy", "generalization", "locality", "neighborhood_score",
             "s_per_edit", "peak_rss_mb"]
-    for m in a.methods.split(","):
+    done = set(datasets(a))                              # checked before any child starts; only these
+    for m in a.methods.split(","):                       # datasets' rows of each method are replaced
         row = run_child(__file__, ["--one", m, "--n", str(a.n), "--stream", str(a.stream), "--model", a.model,
                                    *(["--work", a.work] if a.work else []),
                                    *(["--datasets", a.datasets] if a.datasets else [])], m)
-        done = set(datasets(a))                          # only these datasets' rows of `m` are replaced
         # read the table again just before writing: two evaluations of different methods may run at once
         old = json.loads((RESULTS / f"{name}.json").read_text())["rows"] if (RESULTS / f"{name}.json").exists() else []
         rows = sorted([r for r in old if not (r["method"] == m and r["dataset"] in done)] + long_rows(row),
