@@ -114,7 +114,8 @@ def datasets(a) -> dict:
     names = a.datasets.split(",") if a.datasets else list(EVAL_DATA)
     unknown = [n for n in names if n not in EVAL_DATA]
     if unknown:
-        raise SystemExit(f"bench_trained: --datasets: unknown {unknown}; choose from {list(EVAL_DATA)}")
+        print(f"bench_trained: --datasets: unknown {unknown}; choose from {list(EVAL_DATA)}", file=sys.stderr)
+        raise SystemExit(2)
     return {n: EVAL_DATA[n] for n in names}
 
 
