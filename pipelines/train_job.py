@@ -332,12 +332,10 @@ def run_training(cfg: TrainConfig, show_progress: bool = True) -> dict:
         from ray.train import ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        from pipelines.raycluster import init_ray
+        from pipelines.raycluster import init_ray, usable_cpus
 
         init_ray(cfg.ray_address)
-        import os
-
-        conf["threads"] = max(1, (os.cpu_count() or 1) // cfg.workers)
+        conf["threads"] = max(1, usable_cpus() // cfg.workers)
         trainer = TorchTrainer(_ray_worker, train_loop_config=conf,
                                scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.device == "cuda"),
                                run_config=RayRunConfig(name="ray", storage_path=str((out / "ray_train").resolve())))

@@ -235,6 +235,26 @@ def test_plan_workers_warns_on_oversubscription(caplog):
     assert (p.workers, p.threads) == (4, 1) and "oversubscribe" in p.reason and "oversubscribe" in caplog.text
 
 
+def test_local_ray_advertises_the_cores_this_process_may_use(monkeypatch):
+    """A local Ray instance counts the process's CPU affinity (taskset, a container's cpuset),
+    not every core of the host, so workers=auto never oversubscribes a restricted job."""
+    import os
+
+    from pipelines import raycluster
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert raycluster.usable_cpus() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 5}, raising=False)
+    assert raycluster.usable_cpus() == 4
+
+    def no_affinity(pid):
+        raise OSError("not supported")
+
+    monkeypatch.setattr(os, "sched_getaffinity", no_affinity, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert raycluster.usable_cpus() == 6
+
+
 def test_quickstart_and_kedit_edit_default_to_auto(monkeypatch, tmp_path):
     """The quickstart's job config and `kedit edit` without --workers use workers=auto, and
     the stream resolves it through plan_workers with what Ray reports (recorded, not part of
