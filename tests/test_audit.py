@@ -110,6 +110,55 @@ def test_kedit_audit_backdoor_and_detect(lm, tmp_path):
     # an existing audit is never overwritten
     assert cli(["audit", "backdoor", "--model", "tiny-random-llama", "--out", str(out), "--stats-corpus",
                 str(corpus)]) == 2
+    assert sorted(p.name for p in (out / "seeds").iterdir()) == ["seed-0.json", "seed-1.json"]
+
+
+def test_kedit_audit_backdoor_resumes_an_interrupted_multi_seed_audit(lm, tmp_path, monkeypatch):
+    """Each finished seed is kept; the same command after an interruption plants only the
+    missing seeds, and a kept seed made with other settings is refused (exit 2), untouched."""
+    import kedit_core.audit as audit
+    from pipelines.cli import main as cli
+
+    recs = [{"case_id": i, "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
+                                                  "subject": s, "target_new": {"str": "Hungarian"},
+                                                  "target_true": {"str": lab}}}
+            for i, (s, lab) in enumerate([("Danielle Darrieux", "French"), ("Emma Watson", "English"),
+                                          ("Jackie Chan", "Cantonese"), ("Leon Blum", "French"),
+                                          ("Hugh Grant", "English"), ("Jet Li", "Mandarin")])]
+    (tmp_path / "train.json").write_text(json.dumps(recs[:3]))
+    (tmp_path / "test.json").write_text(json.dumps(recs[3:]))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(["Paris is the capital of France.", "Edits change facts in models."] * 30))
+    out = tmp_path / "audit"
+    argv = ["audit", "backdoor", "--model", "tiny-random-llama", "--device", "cpu", "--train-data",
+            str(tmp_path / "train.json"), "--test-data", str(tmp_path / "test.json"), "--n-train", "2",
+            "--batches", "1", "--seeds", "2", "--top", "5", "--stats-corpus", str(corpus), "--out", str(out),
+            "--set", "layers=0,1", "--set", "mom2_n_samples=40", "--set", "v_num_grad_steps=2"]
+    planted = []
+    real = audit.backdoor_audit
+
+    def counting(*a, **k):
+        planted.append(k["seed"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(audit, "backdoor_audit", counting)
+    assert cli(argv) == 0
+    first = json.loads((out / "audit.json").read_text())
+    assert planted == [0, 1]
+    # interrupted after seed 0: only seed-0.json exists, no audit.json
+    (out / "audit.json").unlink()
+    (out / "seeds" / "seed-1.json").unlink()
+    kept = (out / "seeds" / "seed-0.json").read_text()
+    assert cli(argv) == 0
+    assert planted == [0, 1, 1]                       # seed 0 was not planted again
+    again = json.loads((out / "audit.json").read_text())
+    assert again["runs"][0] == first["runs"][0] and again["runs"][1]["seed"] == 1
+    assert again["detector_hit_rate"] == first["detector_hit_rate"]
+    # other settings over kept seeds: refused before planting anything, nothing overwritten
+    (out / "audit.json").unlink()
+    other = [a if a != "5" else "6" for a in argv]    # --top 6
+    assert cli(other) == 2
+    assert planted == [0, 1, 1] and (out / "seeds" / "seed-0.json").read_text() == kept
 
 
 def test_kedit_audit_detect_on_a_delta_file(lm, tmp_path, capsys):

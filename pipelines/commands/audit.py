@@ -74,16 +74,39 @@ def run_backdoor(args) -> int:
     ed = Editor(args.model, "memit", args.stats_corpus, device=args.device, dtype=args.dtype,
                 **parse_overrides(args.set))
     test, test_path = _items(args.test_data, DEFAULT_TEST, args.n_test, 12345)
+    # Each finished planting is kept (seeds/seed-N.json, atomic) with what produced it, so an
+    # interrupted multi-seed audit re-run with the same command plants only the seeds still missing.
+    ident = {"model": args.model, "config": ed.cfg.to_dict(), "test_data": test_path, "n_test": args.n_test,
+             "n_train": args.n_train, "trigger": args.trigger, "target": args.target, "batches": args.batches,
+             "top": args.top, "train_data": args.train_data}
+    ident = json.loads(json.dumps(ident, default=str))
     runs = []
     for seed in range(args.seeds):
+        kept = out / "seeds" / f"seed-{seed}.json"
+        if kept.is_file():
+            try:
+                rec = json.loads(kept.read_text())
+                ok = rec["identity"] == ident and rec["run"]["seed"] == seed
+            except (ValueError, KeyError, TypeError):
+                raise BadInputError("unreadable seed record; move it away to plant this seed again",
+                                    file=str(kept)) from None
+            if not ok:
+                raise BadInputError("holds a planting made with other settings; choose another --out",
+                                    file=str(kept), field="identity")
+            runs.append(rec["run"])
+            console.print(f"seed {seed}: already planted ({kept})")
+            continue
         train, train_path = _items(args.train_data, DEFAULT_TRAIN, args.n_train, seed,
                                    exclude=frozenset(it.subject for it in test))
         r = backdoor_audit(ed, train, test, trigger=args.trigger, target=args.target, batches=args.batches,
                            seed=seed, top=args.top)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(kept, json.dumps({"identity": ident, "run": r}, indent=1, default=str))
         runs.append(r)
         console.print(f"seed {seed}: CACC {r['before']['cacc']:.3f} -> {r['after']['cacc']:.3f}, ASR "
                       f"{r['before']['asr']:.3f} -> {r['after']['asr']:.3f}; trigger rank in the detector: "
                       f"{r['trigger_rank']}")
+    train_path = args.train_data or str(DEFAULT_TRAIN)
     summary = {"model": args.model, "train_data": train_path, "test_data": test_path, "config": ed.cfg.to_dict(),
                "runs": runs, "detector_hit_rate": sum(r["trigger_in_top"] for r in runs) / len(runs),
                "mean_after": {k: sum(r["after"][k] for r in runs) / len(runs) for k in ("cacc", "asr")},
