@@ -10,7 +10,12 @@
    `edit-local` runs it (one process) and as the Ray stream runs it with workers=auto and
    with the old default of 2 workers, on the same edits.
 
-Each configuration runs in a fresh process (clean timings and peak memory).
+Each configuration runs in a fresh process (clean timings and peak memory). Its run
+directory is under --work (kept until its row is measured), and every finished row is kept in
+benchmarks/results/<name>.rows.json: re-running the same command after an interruption skips
+the rows already measured and resumes an unfinished batch from its run directory, where
+`kedit edit` checkpoints the chunk sums computed so far (such a row says `resumed`; its
+s/edit counts only the time spent in the run that finished it).
 
     python benchmarks/bench_batch.py --sizes 10,100,1000                 # the table
     python benchmarks/bench_batch.py --sizes 10000 --data counterfact-edit.json   # the 10k batch
@@ -30,7 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import SHARED, run_child, write  # noqa: E402
+from benchmarks.common import RESULTS, SHARED, run_child, write  # noqa: E402
+from kedit_core.io import atomic_write_text  # noqa: E402
 
 DATA = SHARED / "counterfact" / "counterfact_portability_gpt4.json"   # 1,031 records
 BIG = SHARED / "counterfact" / "counterfact-edit.json"                 # 10,000 records
@@ -46,7 +52,10 @@ def batch_run(method: str, n: int, a) -> dict:
     from pipelines.edit_job import EditStream
 
     data = a.data or str(DATA if n <= 1031 else BIG)
-    out = Path(tempfile.mkdtemp(prefix="kedit-bench-batch-")) / "run"
+    out = Path(a.work) / f"{a.model}_{method}_{n}" / "run"
+    resumed = out.is_dir() and (out / "run.json").is_file()
+    if resumed:
+        print(f"resuming the batch in {out}", file=sys.stderr, flush=True)
     cfg = build(None, model=a.model, method=method, data=data, limit=n, batch_size=n, workers=a.workers,
                 zopt_chunk=a.zopt_chunk, eval_every=0, eval_limit=a.eval_limit, perplexity_texts=0, out=str(out),
                 device=a.device, set=dict(s.split("=", 1) for s in a.set))
@@ -55,7 +64,6 @@ def batch_run(method: str, n: int, a) -> dict:
     res = stream.run()
     wall = time.perf_counter() - t0
     plan = json.loads((out / "worker_plan.json").read_text()) if (out / "worker_plan.json").is_file() else None
-    shutil.rmtree(out.parent, ignore_errors=True)
     post, pre = res["post"], res["pre"]
     workers_rss = [r.get("max_rss_mb") for r in res.get("replicas") or []]
     return {"method": method, "batch": n, "s_per_edit": res["seconds_per_edit"],
@@ -64,7 +72,7 @@ def batch_run(method: str, n: int, a) -> dict:
             **{f"pre_{k}": pre.get(f"all/{k}") for k in SCORES},
             "driver_rss_mb": _rss_mb(), "worker_rss_mb": max(workers_rss) if workers_rss else None,
             "workers": plan["workers"] if plan else 0, "threads": plan["threads"] if plan else None,
-            "zopt_chunk": a.zopt_chunk, "wall_s": wall, "data": Path(data).name}
+            "zopt_chunk": a.zopt_chunk, "wall_s": wall, "data": Path(data).name, "resumed": resumed}
 
 
 def stream_run(kind: str, a) -> dict:
@@ -116,6 +124,8 @@ def main() -> None:
     ap.add_argument("--stream-edits", type=int, default=20)
     ap.add_argument("--no-batches", action="store_true", help="only the --stream comparison")
     ap.add_argument("--name", default=None, help="results file name (default from the options)")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "kedit-bench-batch"),
+                    help="run directories of the batches, kept until measured (default: %(default)s)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
@@ -127,23 +137,45 @@ def main() -> None:
     sizes = [int(x) for x in a.sizes.split(",")]
     rows = []
     if not a.no_batches:
+        name = a.name or f"batch_{a.model}_{'-'.join(map(str, sizes))}"
+        kept_path = RESULTS / f"{name}.rows.json"
+        ident = {k: getattr(a, k) for k in ("model", "data", "workers", "zopt_chunk", "eval_limit", "device", "set")}
+        kept: dict[str, dict] = {}
+        if kept_path.is_file():
+            try:
+                rec = json.loads(kept_path.read_text())
+                same, kept = rec["identity"] == ident, rec["rows"]
+            except (ValueError, KeyError, TypeError):
+                print(f"{kept_path}: unreadable rows record; move it away to measure again", file=sys.stderr)
+                raise SystemExit(2) from None
+            if not same:
+                print(f"{kept_path}: holds rows measured with other options ({rec['identity']}); "
+                      "choose another --name", file=sys.stderr)
+                raise SystemExit(2)
         for m in a.methods.split(","):
             for n in sizes:
-                rows.append(run_child(__file__, [*argv, "--one", f"batch:{m}:{n}"], f"{m} x {n}"))
+                key = f"{m}:{n}"
+                if key not in kept:
+                    kept[key] = run_child(__file__, [*argv, "--one", f"batch:{m}:{n}"], f"{m} x {n}")
+                    shutil.rmtree(Path(a.work) / f"{a.model}_{m}_{n}", ignore_errors=True)
+                    atomic_write_text(kept_path, json.dumps({"identity": ident, "rows": kept}, indent=1))
+                else:
+                    print(f"{m} x {n}: measured before ({kept_path})", flush=True)
+                rows.append(dict(kept[key]))
         for r in rows:
             base = next(x for x in rows if x["method"] == r["method"])
             r["speedup_vs_smallest"] = base["s_per_edit"] / r["s_per_edit"]
-        name = a.name or f"batch_{a.model}_{'-'.join(map(str, sizes))}"
         biggest = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["batch"]) for m in a.methods.split(",")}
         pred = "; ".join(f"{m}: {r['s_per_edit'] * 10_000 / 3600:.1f} h for 10,000 at the s/edit of {r['batch']}"
                          for m, r in biggest.items())
         write(name, rows, ["method", "batch", "s_per_edit", "speedup_vs_smallest", "batch_s", *SCORES,
-                           "driver_rss_mb", "worker_rss_mb", "workers", "threads", "zopt_chunk", "wall_s", "data"],
+                           "driver_rss_mb", "worker_rss_mb", "workers", "threads", "zopt_chunk", "wall_s", "data", "resumed"],
               notes=f"{a.model} on {a.device}; one batch of N CounterFact requests per run through `kedit edit` "
                     f"(workers={a.workers}, chunks of {a.zopt_chunk} requests returning only K K^T / K R^T sums). "
                     f"Scores: all/* on a strided sample of {a.eval_limit} of the batch. RSS: peak of the driver "
                     f"process and of the largest EditWorker. speedup_vs_smallest = s/edit at the smallest batch / "
-                    f"s/edit here. Prediction (s/edit is per request once the batch is a few chunks): {pred}.")
+                    f"s/edit here. resumed: the batch was interrupted and finished from its checkpointed "
+                    f"chunk sums. Prediction (s/edit is per request once the batch is a few chunks): {pred}.")
     if a.stream:
         srows = [run_child(__file__, [*argv, "--one", f"stream:{k}"], k) for k in ("edit-local", "ray-auto", "ray-2")]
         local = srows[0]["s_per_edit"]
