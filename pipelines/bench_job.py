@@ -256,15 +256,7 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
                 results[name] = {"error": " ".join(str(e).split())[:300]}
             bar.update(1)
     bar.close()
-    rows = []
-    families = {d: family(d) for d in dict.fromkeys(c["data"] for c in known.values())}   # one read per dataset
-    for name, c in known.items():     # this run's cells and those of earlier runs in this directory
-        r = results.get(name)
-        if r is None:
-            done = out / "cells" / name / "bench_cell.json"
-            r = json.loads(done.read_text()) if done.is_file() else {"unfinished": True}
-        rows.append({"method": c["method"], "data": c["data"], "family": families[c["data"]], "cell": name,
-                     "set": c.get("set", {}), **r})
+    rows = collect_rows(out, known, results)
     paths = write_report(out, cfg, rows)
     for p in paths:
         tracker.log_artifact(p)
@@ -275,6 +267,42 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True) -> dict:
                 tracker.log_metrics({f"{r['cell']}/{key}": v}, step=0)
     tracker.finish("FAILED" if any("error" in r for r in rows) else "FINISHED")
     return {"rows": rows, "report": [str(p) for p in paths]}
+
+
+def collect_rows(out: Path, known: dict[str, dict], results: dict[str, dict]) -> list[dict]:
+    """A report row per cell this directory knows (this run's results, else the cell's
+    bench_cell.json, else unfinished), in the order the cells were added."""
+    rows = []
+    families = {d: family(d) for d in dict.fromkeys(c["data"] for c in known.values())}   # one read per dataset
+    for name, c in known.items():
+        r = results.get(name)
+        if r is None:
+            done = out / "cells" / name / "bench_cell.json"
+            try:
+                r = json.loads(done.read_text()) if done.is_file() else {"unfinished": True}
+            except ValueError as e:
+                raise BadInputError(f"unreadable cell result ({e})", file=str(done)) from None
+        rows.append({"method": c["method"], "data": c["data"], "family": families[c["data"]], "cell": name,
+                     "set": c.get("set", {}), **r})
+    return rows
+
+
+def report_bench(out: str | Path) -> dict:
+    """`kedit bench --report-only`: rewrite report.md / .csv / .png from what a bench
+    directory holds (every cell recorded in bench.json), running nothing."""
+    out = Path(out)
+    rec_path = out / "bench.json"
+    if not rec_path.is_file():
+        raise BadInputError("holds no bench (bench.json); run kedit bench first", file=str(out), field="out")
+    try:
+        rec = json.loads(rec_path.read_text())
+        known, conf = rec["cells"], rec["config"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise BadInputError(f"unreadable bench record ({e})", file=str(rec_path)) from None
+    names = {f.name for f in fields(BenchConfig)}
+    cfg = BenchConfig(**{k: v for k, v in conf.items() if k in names})
+    rows = collect_rows(out, known, {})
+    return {"rows": rows, "report": [str(p) for p in write_report(out, cfg, rows)]}
 
 
 def write_report(out: Path, cfg: BenchConfig, rows: list[dict]) -> list[Path]:
@@ -311,10 +339,12 @@ def write_report(out: Path, cfg: BenchConfig, rows: list[dict]) -> list[Path]:
         lines.append("")
     for r in rows:
         post = r.get("post") or {}
-        csv_rows.append({"method": r["method"], "data": r["data"], "family": r["family"],
-                         "seconds_per_edit": r.get("seconds_per_edit"), "peak_rss_mb": r.get("peak_rss_mb"),
-                         "error": r.get("error", ""),
-                         **{k: v for k, v in post.items() if isinstance(v, (int, float))}})
+        cell = {"method": r["method"], "data": r["data"], "family": r["family"],
+                "seconds_per_edit": r.get("seconds_per_edit"), "peak_rss_mb": r.get("peak_rss_mb"),
+                "error": r.get("error", "")}
+        # the end point's own seconds_per_edit is its last batch's; the cell's is the stream's mean
+        csv_rows.append({**cell, **{(f"last_batch/{k}" if k in cell else k): v for k, v in post.items()
+                                    if isinstance(v, (int, float))}})
     md = out / "report.md"
     lines.append("![main metrics](report.png)")
     atomic_write_text(md, "\n".join(lines) + "\n")
@@ -337,24 +367,33 @@ def plot_report(path: Path, cfg: BenchConfig, rows: list[dict]) -> Path:
     import numpy as np
 
     datasets = list(dict.fromkeys(r["data"] for r in rows))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
+    # One colour per method in every panel, one legend for the figure (outside the axes, so it
+    # hides no bar); a cell without a value for a metric draws no bar there (not a zero).
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cmap = plt.get_cmap("tab20")        # its greys (14, 15) are left out: grey is the unedited model's
+    palette = [cmap(i) for i in (0, 2, 4, 6, 8, 10, 12, 16, 18, 1, 3, 5, 7, 9, 11, 13, 17, 19)]
+    colour = {"(unedited)": "0.75", **{m: palette[i % len(palette)] for i, m in enumerate(methods)}}
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets) + 1.6, 3.6), squeeze=False)
+    handles: dict[str, object] = {}
     for ax, d in zip(axes[0], datasets):
-        sub = [r for r in rows if r["data"] == d]
+        sub = [r for r in rows if r["data"] == d and r.get("post")]
         pre = unedited(rows, d)
-        bars = ([("(unedited)", pre)] if pre else []) + [(r["method"], r.get("post") or {}) for r in sub]
-        cols = [(c, k) for c, k in FAMILY_METRICS[sub[0]["family"]]
-                if any(isinstance(v.get(k), (int, float)) for _, v in bars)] or FAMILY_METRICS[sub[0]["family"]]
+        bars = ([("(unedited)", pre)] if pre else []) + [(r["method"], r["post"]) for r in sub]
+        fam = next(r["family"] for r in rows if r["data"] == d)
+        cols = [(c, k) for c, k in FAMILY_METRICS[fam]
+                if any(isinstance(v.get(k), (int, float)) for _, v in bars)] or FAMILY_METRICS[fam]
         x = np.arange(len(cols))
         w = 0.8 / max(1, len(bars))
         for i, (name, vals) in enumerate(bars):
-            ax.bar(x + i * w, [vals.get(k) if isinstance(vals.get(k), (int, float)) else 0 for _, k in cols], w,
-                   label=name, color="0.75" if name == "(unedited)" else None)
-        ax.set_xticks(x + w * (len(sub) - 1) / 2, [c for c, _ in cols], rotation=20)
+            hs = [vals.get(k) if isinstance(vals.get(k), (int, float)) else float("nan") for _, k in cols]
+            handles[name] = ax.bar(x + i * w, hs, w, label=name, color=colour[name])
+        ax.set_xticks(x + w * (len(bars) - 1) / 2, [c for c, _ in cols], rotation=20, ha="right")
         ax.set_ylim(0, 1.05)
         ax.set_title(Path(d).name if d != "builtin" else "built-in", fontsize=9)
-    axes[0][0].legend(fontsize=8)
+    order = [m for m in ["(unedited)", *methods] if m in handles]
+    fig.legend([handles[m] for m in order], order, loc="center right", fontsize=8, frameon=False)
     fig.suptitle(f"kedit bench: {cfg.model}, {cfg.limit} edits in batches of {cfg.batch_size}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 1))
     tmp = path.with_name(".report.png.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

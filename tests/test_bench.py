@@ -98,6 +98,23 @@ def test_bench_directory_grows_by_variants_and_datasets(files, tmp_path):
     assert cli(["bench", "--methods", "ft-m@long", "--data", "builtin", "--set", "ft-m@long.num_steps=7", *common]) == 2
     assert (out / "bench.json").read_text() == before
     assert cli(["bench", "--methods", "nosuch@x", "--data", "builtin", *common]) == 2
+    # --report-only rewrites the report from the cells, running nothing
+    import csv
+
+    (out / "report.md").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/metrics.json")}
+    assert cli(["bench", "--report-only", "--out", str(out)]) == 0
+    assert (out / "report.md").read_text() == md
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/metrics.json")} == stamps
+    # the CSV's seconds_per_edit is the cell's (the stream mean); the end point's own (its
+    # last batch's) has its own column
+    cell = json.loads((out / "cells" / "ft-m@long__evoke" / "bench_cell.json").read_text())
+    row = next(r for r in csv.DictReader((out / "report.csv").open()) if r["method"] == "ft-m@long"
+               and r["family"] == "evoke")
+    assert float(row["seconds_per_edit"]) == pytest.approx(cell["seconds_per_edit"])
+    assert float(row["last_batch/seconds_per_edit"]) == pytest.approx(cell["post"]["seconds_per_edit"])
+    assert cli(["bench", "--report-only", "--out", str(tmp_path / "none")]) == 2
+    assert cli(["bench", "--data", "builtin", *common]) == 2              # --methods missing
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ from pipelines.commands import add_model_args
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="fill the methods x datasets table (one stream per cell, on Ray)")
     add_model_args(p)
-    p.add_argument("--methods", required=True, help="comma-separated methods, e.g. memit,alphaedit,ft-m,ike")
-    p.add_argument("--data", required=True, help="comma-separated dataset files (or 'builtin')")
+    p.add_argument("--methods", default=None, help="comma-separated methods, e.g. memit,alphaedit,ft-m,ike")
+    p.add_argument("--data", default=None, help="comma-separated dataset files (or 'builtin')")
     p.add_argument("--limit", type=int, default=100, help="first N records of each dataset (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N edits (0: start and end)")
@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--experiment", default="kedit-bench")
     p.add_argument("--out", required=True, help="bench directory (cells/, report.md, report.csv, report.png)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the report from the cells the directory holds; run nothing")
     p.set_defaults(func=run)
 
 
@@ -35,8 +37,16 @@ def run(args) -> int:
     from rich.console import Console
 
     from kedit_core.errors import BadInputError
-    from pipelines.bench_job import BenchConfig, run_bench
+    from pipelines.bench_job import BenchConfig, report_bench, run_bench
     from pipelines.commands import check_output_dir
+
+    if args.report_only:
+        report_bench(args.out)
+        Console().print(Path(args.out, "report.md").read_text())
+        return 0
+    for k in ("methods", "data"):
+        if not getattr(args, k):
+            raise BadInputError("required (or --report-only)", field=f"--{k}")
 
     for k in ("limit", "batch_size"):
         if getattr(args, k) < 1:
