@@ -154,11 +154,15 @@ def test_kedit_audit_backdoor_resumes_an_interrupted_multi_seed_audit(lm, tmp_pa
     again = json.loads((out / "audit.json").read_text())
     assert again["runs"][0] == first["runs"][0] and again["runs"][1]["seed"] == 1
     assert again["detector_hit_rate"] == first["detector_hit_rate"]
-    # other settings over kept seeds: refused before planting anything, nothing overwritten
+    # other settings over kept seeds: refused before planting anything, nothing overwritten,
+    # even where the kept seed is not the first one to run
     (out / "audit.json").unlink()
     other = [a if a != "5" else "6" for a in argv]    # --top 6
     assert cli(other) == 2
     assert planted == [0, 1, 1] and (out / "seeds" / "seed-0.json").read_text() == kept
+    (out / "seeds" / "seed-0.json").unlink()
+    assert cli(other) == 2                            # seed-1.json is of --top 5: refused before seed 0
+    assert planted == [0, 1, 1]
 
 
 def test_kedit_audit_detect_on_a_delta_file(lm, tmp_path, capsys):

@@ -80,7 +80,7 @@ def run_backdoor(args) -> int:
              "n_train": args.n_train, "trigger": args.trigger, "target": args.target, "batches": args.batches,
              "top": args.top, "train_data": args.train_data}
     ident = json.loads(json.dumps(ident, default=str))
-    runs = []
+    done: dict[int, dict] = {}       # every kept seed is checked before anything is planted
     for seed in range(args.seeds):
         kept = out / "seeds" / f"seed-{seed}.json"
         if kept.is_file():
@@ -93,7 +93,12 @@ def run_backdoor(args) -> int:
             if not ok:
                 raise BadInputError("holds a planting made with other settings; choose another --out",
                                     file=str(kept), field="identity")
-            runs.append(rec["run"])
+            done[seed] = rec["run"]
+    runs = []
+    for seed in range(args.seeds):
+        kept = out / "seeds" / f"seed-{seed}.json"
+        if seed in done:
+            runs.append(done[seed])
             console.print(f"seed {seed}: already planted ({kept})")
             continue
         train, train_path = _items(args.train_data, DEFAULT_TRAIN, args.n_train, seed,
