@@ -82,9 +82,8 @@ def test_detector_finds_the_token_an_update_was_built_from(lm):
     assert trigger_token_ids(lm, "tq")
 
 
-def test_kedit_audit_backdoor_and_detect(lm, tmp_path):
-    from pipelines.cli import main as cli
-
+def _audit_files(tmp_path):
+    """Six P103 records (3 to poison, 3 to measure on) and a small statistics corpus."""
     recs = [{"case_id": i, "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
                                                   "subject": s, "target_new": {"str": "Hungarian"},
                                                   "target_true": {"str": lab}}}
@@ -95,6 +94,13 @@ def test_kedit_audit_backdoor_and_detect(lm, tmp_path):
     (tmp_path / "test.json").write_text(json.dumps(recs[3:]))
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(["Paris is the capital of France.", "Edits change facts in models."] * 30))
+    return corpus
+
+
+def test_kedit_audit_backdoor_and_detect(lm, tmp_path):
+    from pipelines.cli import main as cli
+
+    corpus = _audit_files(tmp_path)
     out = tmp_path / "audit"
     assert cli(["audit", "backdoor", "--model", "tiny-random-llama", "--device", "cpu", "--train-data",
                 str(tmp_path / "train.json"), "--test-data", str(tmp_path / "test.json"), "--n-train", "2",
@@ -119,16 +125,7 @@ def test_kedit_audit_backdoor_resumes_an_interrupted_multi_seed_audit(lm, tmp_pa
     import kedit_core.audit as audit
     from pipelines.cli import main as cli
 
-    recs = [{"case_id": i, "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
-                                                  "subject": s, "target_new": {"str": "Hungarian"},
-                                                  "target_true": {"str": lab}}}
-            for i, (s, lab) in enumerate([("Danielle Darrieux", "French"), ("Emma Watson", "English"),
-                                          ("Jackie Chan", "Cantonese"), ("Leon Blum", "French"),
-                                          ("Hugh Grant", "English"), ("Jet Li", "Mandarin")])]
-    (tmp_path / "train.json").write_text(json.dumps(recs[:3]))
-    (tmp_path / "test.json").write_text(json.dumps(recs[3:]))
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(["Paris is the capital of France.", "Edits change facts in models."] * 30))
+    corpus = _audit_files(tmp_path)
     out = tmp_path / "audit"
     argv = ["audit", "backdoor", "--model", "tiny-random-llama", "--device", "cpu", "--train-data",
             str(tmp_path / "train.json"), "--test-data", str(tmp_path / "test.json"), "--n-train", "2",
