@@ -98,6 +98,29 @@ def read_stream(out: Path) -> dict | None:
             "seconds_per_edit": sum(r["seconds"] for r in st["batches"]) / max(ck.n_edits, 1)}
 
 
+def kept_streams(path: Path) -> dict[str, dict]:
+    """The streams an earlier report wrote to `path` (results JSON), by method: a stream whose
+    run directory was lost (a new machine) keeps its reported rows and curves rather than
+    vanishing from the table when another method is reported."""
+    if not path.is_file():
+        return {}
+    try:
+        rec = json.loads(path.read_text())
+        out = {}
+        for m, summ in rec["summary"].items():
+            prows = [r for r in rec["rows"] if r["method"] == m]
+            out[m] = {"finished": summ["status"] == "finished", "rows": [r["groups"] for r in prows],
+                      "n_edits": summ["n_edits"], "seconds_per_edit": summ["seconds_per_edit"],
+                      "replicas_in_step": summ.get("replicas_in_step"), "point_rows": prows,
+                      "eval_plan": (rec.get("eval_plan") or {}).get(m), "kept_from": path.name,
+                      "kept_status": summ["status"] if "reported earlier" in summ["status"] else
+                      f"{summ['status']}, reported earlier ({rec['machine'].get('date')}; run directory not here)"}
+        return out
+    except (ValueError, KeyError, TypeError) as e:
+        print(f"{path}: unreadable earlier report ({e}); its streams are not carried over", file=sys.stderr)
+        return {}
+
+
 def point_rows(method: str, stream: dict) -> list[dict]:
     """One row per evaluation point; s_per_edit: the mean over the batches since the previous
     point."""
@@ -160,15 +183,25 @@ def plot(streams: dict[str, dict], path: Path, title: str) -> Path:
 def report(args, methods: list[str]) -> Path:
     from kedit_core.io import atomic_write_text
 
+    name = f"stream_{args.model}_{args.edits}x{args.batch_size}" + (f"_{args.tag}" if args.tag else "")
+    kept = kept_streams(RESULTS / f"{name}.json")
     streams, rows = {}, []
     for method in methods:
         s = read_stream(args.runs / run_name(args.model, method, args.edits, args.batch_size, args.tag))
+        k = kept.get(method)
+        if k is not None and (s is None or s["n_edits"] < k["n_edits"]):
+            # the run directory is gone (or restarted and behind): the rows reported before stay
+            where = "is absent" if s is None else f"holds only {s['n_edits']} edits"
+            print(f"{method}: {k['n_edits']} edits as reported before in {name}.json (its run directory {where})",
+                  flush=True)
+            streams[method], s = k, None
+            rows += k["point_rows"]
+            continue
         if s is None:
             print(f"{method}: no results yet", flush=True)
             continue
         streams[method] = s
         rows += point_rows(method, s)
-    name = f"stream_{args.model}_{args.edits}x{args.batch_size}" + (f"_{args.tag}" if args.tag else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     notes = (f"{args.model}, {args.data.name}: the first {args.edits} records edited in sequential batches of "
              f"{args.batch_size}, evaluated every {args.eval_every} edits (Ray, {args.workers} EditWorker(s), "
@@ -179,7 +212,8 @@ def report(args, methods: list[str]) -> Path:
              "(at 0: the unedited model on the stream's records; at the end). s_per_edit: mean over the batches "
              "since the previous point (edit computation only). RSS in MB: the driver now / at its peak, the "
              "largest worker's peak.")
-    status = {m: ("finished" if s["finished"] else f"stopped at {s['n_edits']} edits") for m, s in streams.items()}
+    status = {m: s.get("kept_status") or ("finished" if s["finished"] else f"stopped at {s['n_edits']} edits")
+              for m, s in streams.items()}
     summary = {m: {"seconds_per_edit": s["seconds_per_edit"], "n_edits": s["n_edits"], "status": status[m],
                    "replicas_in_step": s.get("replicas_in_step")} for m, s in streams.items()}
     atomic_write_text(RESULTS / f"{name}.json", json.dumps(

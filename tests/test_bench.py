@@ -146,3 +146,43 @@ def test_bench_on_ray_resumes_cell_by_cell_after_sigkill(files, tmp_path):
         ray.shutdown()
     assert (out / "cells" / first / "metrics.json").stat().st_mtime_ns == stamp      # not recomputed
     assert len(list((out / "cells").glob("*/bench_cell.json"))) == 2 and (out / "report.png").is_file()
+
+
+def test_bench_stream_report_keeps_a_stream_whose_run_directory_is_gone(tmp_path, monkeypatch):
+    """A stream reported before whose run directory was lost (a new machine) keeps its rows
+    and its place in the plot when the report is rewritten for another method; a restarted
+    run that is behind does not replace them."""
+    import benchmarks.bench_stream as bs
+
+    monkeypatch.setattr(bs, "RESULTS", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    data = tmp_path / "cf.json"
+    data.write_text("[]")
+    groups = lambda e, es: {"edits": e, "retention/efficacy_score": es, "perplexity": 40.0 + e / 100,
+                            "all/efficacy_score": 0.3}
+    rows = [{"method": "memit", "edits": e, "s_per_edit": 9.0, "retention_ES": es, "groups": groups(e, es)}
+            for e, es in ((0, None), (200, 0.98), (400, 0.95))]
+    name = "stream_m_400x100"
+    (tmp_path / "results" / f"{name}.json").write_text(json.dumps(
+        {"machine": {"date": "2026-12-03 11:12"}, "rows": rows,
+         "summary": {"memit": {"seconds_per_edit": 9.0, "n_edits": 400, "status": "stopped at 400 edits"}}}))
+    args = ["--model", "m", "--edits", "400", "--data", str(data), "--runs", str(tmp_path / "runs"),
+            "--methods", "memit,alphaedit", "--report-only"]
+    assert bs.main(args) == 0
+    rec = json.loads((tmp_path / "results" / f"{name}.json").read_text())
+    assert [r["edits"] for r in rec["rows"] if r["method"] == "memit"] == [0, 200, 400]
+    assert rec["summary"]["memit"]["n_edits"] == 400
+    assert "reported earlier (2026-12-03 11:12" in rec["summary"]["memit"]["status"]
+    assert (tmp_path / "results" / f"{name}.png").stat().st_size > 0
+    # written twice: the status is not extended again, the rows stay
+    assert bs.main(args) == 0
+    again = json.loads((tmp_path / "results" / f"{name}.json").read_text())
+    assert again["summary"]["memit"]["status"] == rec["summary"]["memit"]["status"]
+    assert again["rows"] == rec["rows"]
+    # a run directory that is behind (restarted from scratch) does not replace the reported rows
+    monkeypatch.setattr(bs, "read_stream", lambda out: {"finished": False, "rows": [groups(200, 0.5)],
+                                                        "n_edits": 200, "batches": [], "seconds_per_edit": 5.0}
+                        if "memit" in out.name else None)
+    assert bs.main(args) == 0
+    third = json.loads((tmp_path / "results" / f"{name}.json").read_text())
+    assert [r.get("retention_ES") for r in third["rows"]] == [None, 0.98, 0.95]
