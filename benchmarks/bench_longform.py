@@ -14,17 +14,23 @@ Methods (--methods, comma-separated):
                       token, keys there only, the same loss and hyper-parameters - i.e. anyedit
                       with window_size=0 and preserve_context=false
 EditEverything questions are taken round-robin over its categories (file order within each),
-so that every category has rows; UnKE's first N. Rows are saved after every question
-(benchmarks/results/longform_<model>_<n>[_tag].items.json) and a rerun resumes from them.
+so that every category has rows; UnKE's first N. The questions go in turn (the datasets
+alternating), each through every method before the next, and every answer is saved at once
+(benchmarks/results/longform_<model>_<n>[_tag].items.json, atomic): a rerun resumes from them
+(refused if they were made with another model, answer length or --set), and an interrupted
+run reports the methods over the questions all of them have answered (--report-only writes
+the tables from the saved answers without loading a model).
 
     python benchmarks/bench_longform.py --n 50                        # the acceptance table
     python benchmarks/bench_longform.py --n 2 --max-new-tokens 64 --tag smoke
+    python benchmarks/bench_longform.py --n 50 --report-only         # tables of a partial run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections import defaultdict
@@ -34,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, SHARED, machine, write  # noqa: E402
 
+log = logging.getLogger("bench_longform")
+
 METHODS = {
     "anyedit-alphaedit": ("anyedit", {"base": "alphaedit"}),
     "anyedit-memit": ("anyedit", {"base": "memit"}),
@@ -41,6 +49,7 @@ METHODS = {
     "alphaedit": ("anyedit", {"base": "alphaedit", "window_size": 0, "preserve_context": False}),
 }
 DATASETS = {"editevery": "anyedit/editevery.json", "unke": "anyedit/UnKE_final_data_v2.json"}
+IDENTITY = ("model", "max_new_tokens", "set")   # options an answer depends on
 SHOW = ["bleu", "rougeL", "rougeL_recall", "minilm_cosine", "anyedit_char_bleu"]
 
 
@@ -67,17 +76,11 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--set", default="{}", help="JSON hyper-parameter overrides for every method")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--report-only", action="store_true", help="write the tables from the kept answers")
     a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    import torch
-    from tqdm.auto import tqdm
-
-    from kedit_core import Editor
     from kedit_core.data import read_dataset
-    from kedit_core.encoder import load_encoder
-    from kedit_core.evaluate.longform import aggregate, answer_questions, text_scores
-    from kedit_core.io import atomic_write_json
-    from kedit_core.models import load
 
     methods = a.methods.split(",")
     bad = [m for m in methods if m not in METHODS]
@@ -85,14 +88,45 @@ def main() -> None:
         raise SystemExit(f"unknown methods {bad} (known: {', '.join(METHODS)})")
     name = f"longform_{a.model}_{a.n}{('_' + a.tag) if a.tag else ''}"
     items_path = RESULTS / f"{name}.items.json"
-    items: dict[str, dict] = json.loads(items_path.read_text())["items"] if items_path.exists() else {}
-    torch.manual_seed(0)
-    lm = load(a.model, device=a.device)
-    enc = load_encoder()
+    items: dict[str, dict] = {}
+    if items_path.exists():
+        try:
+            kept = json.loads(items_path.read_text())
+            items, was = kept["items"], kept["args"]
+        except (ValueError, KeyError, TypeError) as e:
+            print(f"{items_path}: unreadable ({e}); move it away to start again", file=sys.stderr)
+            raise SystemExit(2) from None
+        diff = [k for k in IDENTITY if k in was and was[k] != getattr(a, k)]
+        if a.report_only:              # the tables say what the answers were made with
+            for k in IDENTITY:
+                if k in was:
+                    setattr(a, k, was[k])
+        elif diff:
+            print(f"{items_path}: its answers were made with other {', '.join(diff)} "
+                  f"({', '.join(f'{k}={was[k]!r}' for k in diff)}); use another --tag", file=sys.stderr)
+            raise SystemExit(2)
     data = {}
     for d in a.datasets.split(","):
         ds = read_dataset(SHARED / DATASETS[d])
         data[d] = pick([r for r in ds.requests if r.long_target], a.n, stratify=(d == "editevery"))
+    if not a.report_only:
+        run(a, methods, data, items, items_path)
+    report(a, name, methods, data, items)
+
+
+def run(a, methods, data, items, items_path) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from kedit_core import Editor
+    from kedit_core.encoder import load_encoder
+    from kedit_core.evaluate.longform import answer_questions, text_scores
+    from kedit_core.io import atomic_write_json
+    from kedit_core.models import load
+
+    torch.manual_seed(0)
+    lm = load(a.model, device=a.device)
+    enc = load_encoder()
 
     def save():
         atomic_write_json(items_path, {"machine": machine(), "args": vars(a), "items": items})
@@ -103,33 +137,45 @@ def main() -> None:
         row = text_scores([pred], [r.long_target], enc)[0]
         return {**row, "pred": pred[:2000], "gen_s": time.perf_counter() - t0}
 
-    for m in methods:
-        method, over = METHODS[m]
-        ed = Editor(lm, method, show_progress=False, **(over | json.loads(a.set)))
-        for d, reqs in data.items():
-            for r in tqdm(reqs, desc=f"{m} {d}"):
-                key = f"{m}|{d}|{r.case_id}"
-                if key in items:
-                    continue
-                bkey = f"unedited|{d}|{r.case_id}"
-                if bkey not in items:
-                    items[bkey] = {"method": "unedited", "dataset": d, "category": r.category,
-                                   **score(ed.model, r)}
-                t0 = time.perf_counter()
-                rec = ed.edit_batch([r])
-                edit_s = time.perf_counter() - t0
-                try:
-                    items[key] = {"method": m, "dataset": d, "category": r.category, "edit_s": edit_s,
-                                  "z_loss": rec.get("z_loss_mean"), **score(ed.model, r)}
-                finally:
-                    ed.revert()                       # the weights as loaded, for the next question
-                save()
+    editors = {m: Editor(lm, METHODS[m][0], show_progress=False, **(METHODS[m][1] | json.loads(a.set)))
+               for m in methods}
+    # questions outer, methods inner: an interrupted run has every method on the same questions
+    # (a paired comparison), and a rerun goes on from the first question some method lacks
+    # the datasets alternate, so that a partial run has rows of both
+    order = [(d, reqs[i]) for i in range(max(map(len, data.values()))) for d, reqs in data.items() if i < len(reqs)]
+    for d, r in tqdm(order, desc=f"questions ({len(methods)} methods each)"):
+        for m, ed in editors.items():
+            key = f"{m}|{d}|{r.case_id}"
+            if key in items:
+                continue
+            bkey = f"unedited|{d}|{r.case_id}"
+            if bkey not in items:
+                items[bkey] = {"method": "unedited", "dataset": d, "category": r.category,
+                               **score(ed.model, r)}
+            log.info("%s %s %s: editing", d, r.case_id, m)
+            t0 = time.perf_counter()
+            rec = ed.edit_batch([r])
+            edit_s = time.perf_counter() - t0
+            try:
+                items[key] = {"method": m, "dataset": d, "category": r.category, "edit_s": edit_s,
+                              "z_loss": rec.get("z_loss_mean"), **score(ed.model, r)}
+            finally:
+                ed.revert()                       # the weights as loaded, for the next question
+            save()
 
-    rows, cat_rows = [], []
+
+def report(a, name, methods, data, items) -> None:
+    """The tables over the questions that every method (and the unedited model) has answered,
+    so that a partial run still compares the methods on the same questions."""
+    from kedit_core.evaluate.longform import aggregate
+
+    rows, cat_rows, paired = [], [], {}
+    for d, reqs in data.items():
+        paired[d] = [r.case_id for r in reqs
+                     if all(f"{m}|{d}|{r.case_id}" in items for m in ["unedited", *methods])]
     for m in ["unedited", *methods]:
         for d in data:
-            its = [v for k, v in items.items() if v["method"] == m and v["dataset"] == d
-                   and k.split("|")[2] in {r.case_id for r in data[d]}]
+            its = [items[f"{m}|{d}|{c}"] for c in paired[d]]
             if not its:
                 continue
             agg = aggregate([{k: it[k] for k in SHOW} for it in its], [it["category"] for it in its])
@@ -140,7 +186,9 @@ def main() -> None:
             rows.append(row)
             for c, g in agg.get("by_category", {}).items():
                 cat_rows.append({"method": m, "dataset": d, "category": c, "n": g["n"], **{k: g[k] for k in SHOW}})
-    notes = (f"{a.model}; {a.n} questions per dataset, one per batch, weights restored after each; greedy "
+    done = ", ".join(f"{d}: {len(paired[d])} of {len(data[d])}" for d in data)
+    notes = (f"{a.model}; {a.n} questions per dataset ({done} answered by every method; the tables are "
+             "over those), one per batch, weights restored after each; greedy "
              f"answers of {a.max_new_tokens} tokens to the chat-templated question. `unedited` is before "
              "the edits. bleu = sacrebleu sentence BLEU; rougeL / rougeL_recall = rouge-score F1 / recall; "
              "minilm_cosine = the reference's 'Bert Score'; anyedit_char_bleu = the reference's nltk BLEU "
@@ -150,6 +198,37 @@ def main() -> None:
     if cat_rows:
         write(name + "_by_category", cat_rows, ["method", "dataset", "category", "n", *SHOW],
               "Per category (EditEverything's own categories; UnKE has none).")
+    if rows:
+        plot(rows, RESULTS / f"{name}.png", f"{a.model}: long-form edits ({done})")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> Path:
+    """Grouped bars: ROUGE-L F1 and MiniLM cosine per dataset, one colour per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kedit_core.io import atomic_file
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    w = 0.8 / len(methods)
+    for ax, key in zip(axes, ("rougeL", "minilm_cosine")):
+        for i, m in enumerate(methods):
+            ys = [next((r[key] for r in rows if r["method"] == m and r["dataset"] == d), float("nan"))
+                  for d in datasets]
+            ax.bar([j + i * w for j in range(len(datasets))], ys, w, color=f"C{i}", label=m)
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(datasets))], datasets)
+        ax.set_title(key), ax.set_ylim(0, 1)
+    axes[1].legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -186,3 +186,40 @@ def test_bench_stream_report_keeps_a_stream_whose_run_directory_is_gone(tmp_path
     assert bs.main(args) == 0
     third = json.loads((tmp_path / "results" / f"{name}.json").read_text())
     assert [r.get("retention_ES") for r in third["rows"]] == [None, 0.98, 0.95]
+
+
+def test_bench_longform_reports_the_methods_on_the_questions_all_of_them_answered(tmp_path, monkeypatch):
+    """An interrupted long-form run compares the methods over the questions that every method
+    and the unedited model answered (a paired comparison), and draws the bars."""
+    import types
+
+    import benchmarks.bench_longform as bl
+    import benchmarks.common as common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(bl, "RESULTS", tmp_path)
+    q = lambda c, cat=None: types.SimpleNamespace(case_id=c, category=cat)
+    data = {"editevery": [q("e1", "math"), q("e2", "code")], "unke": [q("u1"), q("u2")]}
+    scores = lambda v: {k: v for k in bl.SHOW}
+    items = {}
+    for m, v in (("unedited", 0.1), ("anyedit-memit", 0.6), ("memit", 0.3)):
+        for d, c in (("editevery", "e1"), ("unke", "u1")):
+            items[f"{m}|{d}|{c}"] = {"method": m, "dataset": d, "category": data[d][0].category,
+                                     "edit_s": 1.0, "gen_s": 2.0, **scores(v)}
+    # a second question only anyedit-memit reached: not in the tables
+    items["unedited|unke|u2"] = {"method": "unedited", "dataset": "unke", "category": None, "gen_s": 2.0,
+                                 **scores(0.9)}
+    items["anyedit-memit|unke|u2"] = {"method": "anyedit-memit", "dataset": "unke", "category": None,
+                                      "edit_s": 1.0, "gen_s": 2.0, **scores(0.9)}
+    a = types.SimpleNamespace(model="m", n=2, max_new_tokens=64)
+    bl.report(a, "lf", ["anyedit-memit", "memit"], data, items)
+    rec = json.loads((tmp_path / "lf.json").read_text())
+    got = {(r["method"], r["dataset"]): (r["n"], r["rougeL"]) for r in rec["rows"]}
+    assert got == {("unedited", "editevery"): (1, 0.1), ("unedited", "unke"): (1, 0.1),
+                   ("anyedit-memit", "editevery"): (1, 0.6), ("anyedit-memit", "unke"): (1, 0.6),
+                   ("memit", "editevery"): (1, 0.3), ("memit", "unke"): (1, 0.3)}
+    assert "editevery: 1 of 2, unke: 1 of 2 answered by every method" in (tmp_path / "lf.md").read_text()
+    cats = json.loads((tmp_path / "lf_by_category.json").read_text())["rows"]
+    assert {(r["method"], r["category"]) for r in cats if r["dataset"] == "editevery"} == {
+        ("unedited", "math"), ("anyedit-memit", "math"), ("memit", "math")}
+    assert (tmp_path / "lf.png").stat().st_size > 0
