@@ -186,7 +186,8 @@ def report(args, methods: list[str]) -> Path:
     name = f"stream_{args.model}_{args.edits}x{args.batch_size}" + (f"_{args.tag}" if args.tag else "")
     kept = kept_streams(RESULTS / f"{name}.json")
     streams, rows = {}, []
-    for method in methods:
+    # methods reported before and not run now stay in the report
+    for method in [*methods, *(m for m in kept if m not in methods)]:
         s = read_stream(args.runs / run_name(args.model, method, args.edits, args.batch_size, args.tag))
         k = kept.get(method)
         if k is not None and (s is None or s["n_edits"] < k["n_edits"]):

@@ -186,6 +186,10 @@ def test_bench_stream_report_keeps_a_stream_whose_run_directory_is_gone(tmp_path
     assert bs.main(args) == 0
     third = json.loads((tmp_path / "results" / f"{name}.json").read_text())
     assert [r.get("retention_ES") for r in third["rows"]] == [None, 0.98, 0.95]
+    # reporting another method alone keeps the earlier one in the table
+    assert bs.main([*args[:-3], "--methods", "alphaedit", "--report-only"]) == 0
+    fourth = json.loads((tmp_path / "results" / f"{name}.json").read_text())
+    assert fourth["rows"] == third["rows"] and list(fourth["summary"]) == ["memit"]
 
 
 def test_bench_longform_reports_the_methods_on_the_questions_all_of_them_answered(tmp_path, monkeypatch):
