@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, SHARED, machine, write  # noqa: E402
+from benchmarks.common import RESULTS, SHARED, machine, save_figure, write  # noqa: E402
 
 log = logging.getLogger("bench_longform")
 
@@ -209,8 +209,6 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kedit_core.io import atomic_file
-
     methods = list(dict.fromkeys(r["method"] for r in rows))
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -223,12 +221,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
         ax.set_xticks([j + 0.4 - w / 2 for j in range(len(datasets))], datasets)
         ax.set_title(key), ax.set_ylim(0, 1)
     axes[1].legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import RESULTS, SHARED, _fmt, machine  # noqa: E402
+from benchmarks.common import RESULTS, SHARED, _fmt, machine, save_figure  # noqa: E402
 
 DATA = SHARED / "counterfact" / "counterfact-edit.json"
 # The weight-changing methods that need no trained editor (mend / ke: --editor METHOD=DIR).
@@ -149,8 +149,6 @@ def plot(streams: dict[str, dict], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kedit_core.io import atomic_file
-
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     for i, (method, s) in enumerate(streams.items()):
         colour = f"C{i}"
@@ -172,12 +170,7 @@ def plot(streams: dict[str, dict], path: Path, title: str) -> Path:
         if name != "held-out perplexity":
             ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def report(args, methods: list[str]) -> Path:

@@ -66,3 +66,17 @@ def run_child(script: str, args: list[str], label: str) -> dict:
     row = json.loads(line[0][7:])
     print(row, flush=True)
     return row
+
+
+def save_figure(fig, path: Path, title: str) -> Path:
+    """Title, lay out and write a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    from kedit_core.io import atomic_file
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path
