@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="results file name (default from the options)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "kedit-bench-batch"),
                     help="run directories of the batches, kept until measured (default: %(default)s)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the table from the rows measured so far (the others are listed as not measured)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
@@ -152,9 +154,13 @@ def main() -> None:
                 print(f"{kept_path}: holds rows measured with other options ({rec['identity']}); "
                       "choose another --name", file=sys.stderr)
                 raise SystemExit(2)
+        missing = []
         for m in a.methods.split(","):
             for n in sizes:
                 key = f"{m}:{n}"
+                if key not in kept and a.report_only:
+                    missing.append(f"{m} x {n}")
+                    continue
                 if key not in kept:
                     kept[key] = run_child(__file__, [*argv, "--one", f"batch:{m}:{n}"], f"{m} x {n}")
                     shutil.rmtree(Path(a.work) / f"{a.model}_{m}_{n}", ignore_errors=True)
@@ -165,7 +171,11 @@ def main() -> None:
         for r in rows:
             base = next(x for x in rows if x["method"] == r["method"])
             r["speedup_vs_smallest"] = base["s_per_edit"] / r["s_per_edit"]
-        biggest = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["batch"]) for m in a.methods.split(",")}
+        if not rows:
+            print(f"{kept_path}: no rows measured yet", file=sys.stderr)
+            raise SystemExit(2)
+        biggest = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["batch"])
+                   for m in a.methods.split(",") if any(r["method"] == m for r in rows)}
         pred = "; ".join(f"{m}: {r['s_per_edit'] * 10_000 / 3600:.1f} h for 10,000 at the s/edit of {r['batch']}"
                          for m, r in biggest.items())
         write(name, rows, ["method", "batch", "s_per_edit", "speedup_vs_smallest", "batch_s", *SCORES,
@@ -175,7 +185,8 @@ def main() -> None:
                     f"Scores: all/* on a strided sample of {a.eval_limit} of the batch. RSS: peak of the driver "
                     f"process and of the largest EditWorker. speedup_vs_smallest = s/edit at the smallest batch / "
                     f"s/edit here. resumed: the batch was interrupted and finished from its checkpointed "
-                    f"chunk sums. Prediction (s/edit is per request once the batch is a few chunks): {pred}.")
+                    f"chunk sums. Prediction (s/edit is per request once the batch is a few chunks): {pred}."
+                    + (f" Not measured: {', '.join(missing)}." if missing else ""))
     if a.stream:
         srows = [run_child(__file__, [*argv, "--one", f"stream:{k}"], k) for k in ("edit-local", "ray-auto", "ray-2")]
         local = srows[0]["s_per_edit"]

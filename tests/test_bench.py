@@ -227,3 +227,39 @@ def test_bench_longform_reports_the_methods_on_the_questions_all_of_them_answere
     assert {(r["method"], r["category"]) for r in cats if r["dataset"] == "editevery"} == {
         ("unedited", "math"), ("anyedit-memit", "math"), ("memit", "math")}
     assert (tmp_path / "lf.png").stat().st_size > 0
+
+
+def test_bench_batch_report_only_tables_the_rows_measured_so_far(tmp_path, monkeypatch):
+    """An unfinished batch table (a batch size not reached) is written from the kept rows:
+    the missing rows are named, the speed-up is against the method's smallest batch, nothing
+    is run; with no kept rows it exits 2."""
+    import benchmarks.bench_batch as bb
+    import benchmarks.common as common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(bb, "RESULTS", tmp_path)
+    monkeypatch.setattr(bb, "run_child", lambda *a: (_ for _ in ()).throw(AssertionError("ran a batch")))
+    argv = ["bench_batch.py", "--model", "m", "--sizes", "10,100,1000", "--name", "bt", "--report-only"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        bb.main()
+    assert e.value.code == 2
+    ident = {"model": "m", "data": None, "workers": "auto", "zopt_chunk": 64, "eval_limit": 200, "device": "cpu",
+             "set": []}
+    row = lambda m, n, s: {"method": m, "batch": n, "s_per_edit": s, "batch_s": s * n}
+    kept = {"memit:10": row("memit", 10, 4.0), "memit:100": row("memit", 100, 3.2), "memit:1000": row("memit", 1000, 2.0),
+            "alphaedit:10": row("alphaedit", 10, 3.0), "alphaedit:100": row("alphaedit", 100, 2.5)}
+    (tmp_path / "bt.rows.json").write_text(json.dumps({"identity": ident, "rows": kept}))
+    bb.main()
+    rec = json.loads((tmp_path / "bt.json").read_text())
+    got = {(r["method"], r["batch"]): round(r["speedup_vs_smallest"], 3) for r in rec["rows"]}
+    assert got == {("memit", 10): 1.0, ("memit", 100): 1.25, ("memit", 1000): 2.0,
+                   ("alphaedit", 10): 1.0, ("alphaedit", 100): 1.2}
+    md = (tmp_path / "bt.md").read_text()
+    assert "Not measured: alphaedit x 1000." in md
+    assert "memit: 5.6 h for 10,000 at the s/edit of 1000" in md and "alphaedit: 6.9 h" in md
+    # options other than those the rows were measured with are refused
+    monkeypatch.setattr(sys, "argv", [*argv, "--zopt-chunk", "32"])
+    with pytest.raises(SystemExit) as e:
+        bb.main()
+    assert e.value.code == 2
