@@ -258,3 +258,36 @@ def test_anyedit_writes_a_long_answer_into_smollm2(smol):
     finally:
         ed.revert()
     assert greedy(smol, [q], 12)[0] == before_text
+
+
+def test_window_targets_are_shared_by_the_bases_and_never_stale(lm, monkeypatch):
+    """AnyEdit over MEMIT then over AlphaEdit on the same weights optimise the window targets
+    once (the second reuses them, equal to a fresh optimisation); other target settings or
+    other weights are a miss, and the weights restored bit for bit are a hit again."""
+    import kedit_core.methods.anyedit.method as am
+    from kedit_core.apply import temporarily_applied
+    from kedit_core.methods.common import zopt_config
+
+    calls = []
+    real = am.optimize_window_targets
+    monkeypatch.setattr(am, "optimize_window_targets", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lm.scratch.pop(am.MEMO_KEY, None)
+    m = get_method("anyedit")
+    stats = _stats(lm, (1,))
+    over = {"layers": (1,), "window_size": 6, "v_num_grad_steps": 3, "mom2_update_weight": 50.0}
+    cfgs = {b: make_config(m.config_cls, lm, over | {"base": b}) for b in ("memit", "alphaedit")}
+    states = {b: m.prepare(lm, c, stats) for b, c in cfgs.items()}
+    res = {b: m.compute(lm, [req()], states[b])[0] for b in cfgs}
+    assert len(calls) == 1
+    torch.testing.assert_close(res["memit"].info["targets"], res["alphaedit"].info["targets"])
+    assert not torch.allclose(res["memit"].deltas[0].dense, res["alphaedit"].deltas[0].dense)
+    fresh, _ = real(lm, [longform_sequence(lm, req(), cfgs["memit"])], zopt_config(cfgs["memit"], 1, "block"))
+    torch.testing.assert_close(res["alphaedit"].info["targets"], fresh.targets.float(), atol=1e-5, rtol=1e-4)
+    other = make_config(m.config_cls, lm, over | {"base": "memit", "v_num_grad_steps": 4})
+    m.compute(lm, [req()], m.prepare(lm, other, stats))
+    assert len(calls) == 2
+    with temporarily_applied(lm, res["memit"].deltas):
+        m.compute(lm, [req()], states["memit"])
+    assert len(calls) == 3
+    m.compute(lm, [req()], states["alphaedit"])
+    assert len(calls) == 3
