@@ -29,6 +29,7 @@ the tables from the saved answers without loading a model).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -89,11 +90,13 @@ def main() -> None:
     name = f"longform_{a.model}_{a.n}{('_' + a.tag) if a.tag else ''}"
     items_path = RESULTS / f"{name}.items.json"
     items: dict[str, dict] = {}
+    a.configs = None                   # the resolved hyper-parameters of each method's answers
     if items_path.exists():
         try:
             kept = json.loads(items_path.read_text())
             items, was = kept["items"], kept["args"]
-        except (ValueError, KeyError, TypeError) as e:
+            a.configs = was.get("configs")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             print(f"{items_path}: unreadable ({e}); move it away to start again", file=sys.stderr)
             raise SystemExit(2) from None
         diff = [k for k in IDENTITY if k in was and was[k] != getattr(a, k)]
@@ -112,6 +115,13 @@ def main() -> None:
     if not a.report_only:
         run(a, methods, data, items, items_path)
     report(a, name, methods, data, items)
+
+
+def config_clash(kept: dict, configs: dict) -> dict[str, list[str]]:
+    """The methods whose kept answers were made with other resolved hyper-parameters than
+    `configs` (a changed default included), each with the names that differ."""
+    return {m: sorted(k for k in set(configs[m]) | set(kept[m]) if kept[m].get(k) != configs[m].get(k))
+            for m in sorted(configs) if m in kept and kept[m] != configs[m]}
 
 
 def run(a, methods, data, items, items_path) -> None:
@@ -139,6 +149,16 @@ def run(a, methods, data, items, items_path) -> None:
 
     editors = {m: Editor(lm, METHODS[m][0], show_progress=False, **(METHODS[m][1] | json.loads(a.set)))
                for m in methods}
+    # every resolved hyper-parameter is part of the answers' identity (a changed default too)
+    configs = {m: json.loads(json.dumps(dataclasses.asdict(ed.cfg), default=str)) for m, ed in editors.items()}
+    kept = vars(a).get("configs") or {}
+    diff = config_clash(kept, configs)
+    if diff:
+        which = "; ".join(m + ": " + ", ".join(ks) for m, ks in diff.items())
+        print(f"{items_path}: its answers of {', '.join(diff)} were made with other hyper-parameters "
+              f"({which}); use another --tag", file=sys.stderr)
+        raise SystemExit(2)
+    a.configs = kept | configs
     # questions outer, methods inner: an interrupted run has every method on the same questions
     # (a paired comparison), and a rerun goes on from the first question some method lacks
     # the datasets alternate, so that a partial run has rows of both

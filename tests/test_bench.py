@@ -263,3 +263,15 @@ def test_bench_batch_report_only_tables_the_rows_measured_so_far(tmp_path, monke
     with pytest.raises(SystemExit) as e:
         bb.main()
     assert e.value.code == 2
+
+
+def test_bench_longform_answers_are_tied_to_every_resolved_hyper_parameter():
+    """Kept answers made with another resolved hyper-parameter (a changed default) clash and
+    are named; methods not kept yet, or kept with equal settings, do not."""
+    from benchmarks.bench_longform import config_clash
+
+    kept = {"memit": {"window_size": 0, "v_lr": 2.0}, "anyedit-memit": {"window_size": 20, "v_lr": 2.0}}
+    now = {"memit": {"window_size": 0, "v_lr": 2.0}, "anyedit-memit": {"window_size": 10, "v_lr": 2.0},
+           "alphaedit": {"window_size": 0}}
+    assert config_clash(kept, now) == {"anyedit-memit": ["window_size"]}
+    assert config_clash(kept, {"memit": kept["memit"]}) == {}
