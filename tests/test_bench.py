@@ -275,3 +275,33 @@ def test_bench_longform_answers_are_tied_to_every_resolved_hyper_parameter():
            "alphaedit": {"window_size": 0}}
     assert config_clash(kept, now) == {"anyedit-memit": ["window_size"]}
     assert config_clash(kept, {"memit": kept["memit"]}) == {}
+
+
+def test_tune_longform_validation_never_touches_the_benchmark_questions():
+    """AnyEdit's solve is tuned on questions the long-form benchmark does not report:
+    EditEverything outside its stratified pick, UnKE after its first N; the table pairs the
+    configurations over the questions all of them answered."""
+    from benchmarks.bench_longform import DATASETS, pick
+    from benchmarks.common import SHARED
+    from benchmarks.tune_longform import summarise, validation_questions
+
+    if not (SHARED / DATASETS["editevery"]).exists():
+        pytest.skip(f"needs {SHARED / DATASETS['editevery']} (../shared/data is absent)")
+    from kedit_core.data import read_dataset
+
+    val = validation_questions(4, 50)
+    ee = [r for r in read_dataset(SHARED / DATASETS["editevery"]).requests if r.long_target]
+    uk = [r for r in read_dataset(SHARED / DATASETS["unke"]).requests if r.long_target]
+    bench = {r.case_id for r in pick(ee, 50, stratify=True)}
+    assert len(val["editevery"]) == 4 and not bench & {r.case_id for r in val["editevery"]}
+    assert len({r.category for r in val["editevery"]}) == 4
+    assert not {r.case_id for r in uk[:50]} & {r.case_id for r in val["unke"]}
+
+    row = lambda c, d, q, v: {"config": c, "dataset": d, "case": q, **{k: v for k in
+                              ("z_loss", "tf_nll", "tf_acc", "first_miss", "rougeL", "bleu", "minilm_cosine")}}
+    rows = {f"{c}|{d}|{q}": row(c, d, q, v) for c, d, q, v in [
+        ("a", "unke", "1", 0.2), ("b", "unke", "1", 0.6), ("a", "editevery", "2", 0.4), ("b", "editevery", "2", 0.8),
+        ("a", "unke", "3", 0.9)]}                       # question 3: only a answered it
+    got = {(r["config"], r["dataset"]): (r["n"], round(r["rougeL"], 6)) for r in summarise(rows, ["a", "b"])}
+    assert got == {("a", "editevery"): (1, 0.4), ("a", "unke"): (1, 0.2), ("a", "all"): (2, 0.3),
+                   ("b", "editevery"): (1, 0.8), ("b", "unke"): (1, 0.6), ("b", "all"): (2, 0.7)}
