@@ -24,6 +24,9 @@ the tables from the saved answers without loading a model).
     python benchmarks/bench_longform.py --n 50                        # the acceptance table
     python benchmarks/bench_longform.py --n 2 --max-new-tokens 64 --tag smoke
     python benchmarks/bench_longform.py --n 50 --report-only         # tables of a partial run
+    OMP_NUM_THREADS=1 python benchmarks/bench_longform.py --n 50 --shard 0/2 &   # one core each
+    OMP_NUM_THREADS=1 python benchmarks/bench_longform.py --n 50 --shard 1/2 &   # (own files,
+                                                      # read together by any later run)
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ def main() -> None:
     ap.add_argument("--set", default="{}", help="JSON hyper-parameter overrides for every method")
     ap.add_argument("--tag", default="")
     ap.add_argument("--report-only", action="store_true", help="write the tables from the kept answers")
+    ap.add_argument("--shard", default=None, help="I/K: answer only every K-th question from the I-th (0-based), "
+                                                  "into a file of its own; run K of them side by side (one core "
+                                                  "each); any later run reads them all")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -88,24 +94,31 @@ def main() -> None:
     if bad:
         raise SystemExit(f"unknown methods {bad} (known: {', '.join(METHODS)})")
     name = f"longform_{a.model}_{a.n}{('_' + a.tag) if a.tag else ''}"
-    items_path = RESULTS / f"{name}.items.json"
+    shard = parse_shard(a.shard)
+    items_path = RESULTS / (f"{name}.items.json" if shard is None else f"{name}.items.{shard[0]}of{shard[1]}.json")
     items: dict[str, dict] = {}
     a.configs = None                   # the resolved hyper-parameters of each method's answers
-    if items_path.exists():
+    for path in kept_files(name):      # the main file and every shard's: their union
         try:
-            kept = json.loads(items_path.read_text())
-            items, was = kept["items"], kept["args"]
-            a.configs = was.get("configs")
+            kept = json.loads(path.read_text())
+            its, was = kept["items"], kept["args"]
+            confs = was.get("configs") or {}
+            items.update(its)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            print(f"{items_path}: unreadable ({e}); move it away to start again", file=sys.stderr)
+            print(f"{path}: unreadable ({e}); move it away to start again", file=sys.stderr)
             raise SystemExit(2) from None
+        if a.configs is not None and config_clash(a.configs, confs):
+            print(f"{path}: its answers were made with other hyper-parameters than the other kept files'",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        a.configs = (a.configs or {}) | confs
         diff = [k for k in IDENTITY if k in was and was[k] != getattr(a, k)]
         if a.report_only:              # the tables say what the answers were made with
             for k in IDENTITY:
                 if k in was:
                     setattr(a, k, was[k])
         elif diff:
-            print(f"{items_path}: its answers were made with other {', '.join(diff)} "
+            print(f"{path}: its answers were made with other {', '.join(diff)} "
                   f"({', '.join(f'{k}={was[k]!r}' for k in diff)}); use another --tag", file=sys.stderr)
             raise SystemExit(2)
     data = {}
@@ -115,6 +128,25 @@ def main() -> None:
     if not a.report_only:
         run(a, methods, data, items, items_path)
     report(a, name, methods, data, items)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """--shard I/K: this process answers the questions whose place in the order is I mod K."""
+    if not text:
+        return None
+    try:
+        i, k = (int(x) for x in text.split("/"))
+        assert 0 <= i < k
+    except (ValueError, AssertionError):
+        print(f"--shard: expected I/K with 0 <= I < K, not {text!r}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return i, k
+
+
+def kept_files(name: str) -> list[Path]:
+    """The kept answers of a run: its main file and the files of its shards."""
+    main = RESULTS / f"{name}.items.json"
+    return [p for p in [main, *sorted(RESULTS.glob(f"{name}.items.*of*.json"))] if p.exists()]
 
 
 def config_clash(kept: dict, configs: dict) -> dict[str, list[str]]:
@@ -163,6 +195,9 @@ def run(a, methods, data, items, items_path) -> None:
     # (a paired comparison), and a rerun goes on from the first question some method lacks
     # the datasets alternate, so that a partial run has rows of both
     order = [(d, reqs[i]) for i in range(max(map(len, data.values()))) for d, reqs in data.items() if i < len(reqs)]
+    shard = parse_shard(a.shard)
+    if shard is not None:
+        order = order[shard[0]::shard[1]]
     for d, r in tqdm(order, desc=f"questions ({len(methods)} methods each)"):
         for m, ed in editors.items():
             key = f"{m}|{d}|{r.case_id}"

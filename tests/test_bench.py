@@ -305,3 +305,19 @@ def test_tune_longform_validation_never_touches_the_benchmark_questions():
     got = {(r["config"], r["dataset"]): (r["n"], round(r["rougeL"], 6)) for r in summarise(rows, ["a", "b"])}
     assert got == {("a", "editevery"): (1, 0.4), ("a", "unke"): (1, 0.2), ("a", "all"): (2, 0.3),
                    ("b", "editevery"): (1, 0.8), ("b", "unke"): (1, 0.6), ("b", "all"): (2, 0.7)}
+
+
+def test_bench_longform_shards_answer_disjoint_questions_and_are_read_together(tmp_path, monkeypatch):
+    """--shard I/K takes every K-th question into a file of its own; a later run reads the
+    main file and every shard's; a malformed --shard exits 2."""
+    import benchmarks.bench_longform as bl
+
+    monkeypatch.setattr(bl, "RESULTS", tmp_path)
+    assert bl.parse_shard(None) is None and bl.parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "x", "1/0"):
+        with pytest.raises(SystemExit) as e:
+            bl.parse_shard(bad)
+        assert e.value.code == 2
+    for f in ("lf.items.json", "lf.items.0of2.json", "lf.items.1of2.json", "lf2.items.json"):
+        (tmp_path / f).write_text("{}")
+    assert [p.name for p in bl.kept_files("lf")] == ["lf.items.json", "lf.items.0of2.json", "lf.items.1of2.json"]
