@@ -233,13 +233,11 @@ def test_chat_template_ids_are_what_generation_reads(smol):
 
 @pytest.mark.slow
 def test_anyedit_writes_a_long_answer_into_smollm2(smol):
-    """Two windows of a made-up answer: after the edit the chat question makes the answer much
-    more likely (teacher-forced over the whole answer: mean NLL down by more than a nat, token
-    accuracy more than doubled), and reverting restores the model bit for bit. Measured on
-    2026-12-01: mean NLL 5.42 -> 3.59, token accuracy 0.11 -> 0.39. The update does not make
-    greedy decoding reproduce the answer verbatim on this 135M model, although the window
-    targets reach losses of 0.15-0.24: the regularised, null-space projected solve keeps a
-    part of it (an open question for bench_longform, not hidden here)."""
+    """Two windows of a made-up answer: after the edit the chat question makes the answer
+    likely (teacher-forced over the whole answer: mean NLL below 1 nat, token accuracy above
+    0.8), and reverting restores the model bit for bit. Measured on 2026-12-04 with SmolLM2's
+    defaults (75 target steps, L2 1.0): mean NLL 5.42 -> 0.41, token accuracy 0.11 -> 0.94
+    (with the earlier 25 steps and L2 10: 5.42 -> 3.59, 0.11 -> 0.39)."""
     from kedit_core import Editor
     from kedit_core.evaluate.scoring import score
     from kedit_core.generation import chat_prompt, greedy
@@ -253,8 +251,8 @@ def test_anyedit_writes_a_long_answer_into_smollm2(smol):
         after = score(smol, [q], [ANSWER])
         print(f"mean NLL {before.mean_nll[0]:.3f} -> {after.mean_nll[0]:.3f}, "
               f"token acc {before.token_acc[0]:.3f} -> {after.token_acc[0]:.3f}")
-        assert after.mean_nll[0] < before.mean_nll[0] - 1.0
-        assert after.token_acc[0] > 2 * before.token_acc[0]
+        assert after.mean_nll[0] < 1.0 < before.mean_nll[0]
+        assert after.token_acc[0] > 0.8 > before.token_acc[0]
     finally:
         ed.revert()
     assert greedy(smol, [q], 12)[0] == before_text
