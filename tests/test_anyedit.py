@@ -289,3 +289,9 @@ def test_window_targets_are_shared_by_the_bases_and_never_stale(lm, monkeypatch)
     assert len(calls) == 3
     m.compute(lm, [req()], states["alphaedit"])
     assert len(calls) == 3
+    lm.scratch["zero3_engine"] = object()       # partitioned weights: no fingerprint, no memo
+    try:
+        m.compute(lm, [req()], states["alphaedit"])
+    finally:
+        del lm.scratch["zero3_engine"]
+    assert len(calls) == 4
