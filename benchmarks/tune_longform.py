@@ -17,6 +17,8 @@ resumes; the table is over the questions every configuration answered.
 
     python benchmarks/tune_longform.py --configs '{"m2000": {"base": "memit"},
         "m500": {"base": "memit", "mom2_update_weight": 500}}' --n 5
+    OMP_NUM_THREADS=1 python benchmarks/tune_longform.py --configs ... --shard 0/2 &   # one core
+    OMP_NUM_THREADS=1 python benchmarks/tune_longform.py --configs ... --shard 1/2 &   # each
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_longform import DATASETS, pick  # noqa: E402
+from benchmarks.bench_longform import DATASETS, parse_shard, pick  # noqa: E402
 from benchmarks.common import RESULTS, SHARED, machine, write  # noqa: E402
 
 log = logging.getLogger("tune_longform")
@@ -92,32 +94,37 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--name", default=None)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--shard", default=None, help="I/K: only every K-th validation question from the I-th "
+                                                  "(0-based), into a rows file of its own; run K side by side "
+                                                  "(OMP_NUM_THREADS=1 each); any later run reads them all")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        configs = json.loads(a.configs)
+        configs = asked = json.loads(a.configs)
         assert isinstance(configs, dict) and all(isinstance(v, dict) for v in configs.values())
     except (ValueError, AssertionError):
         print("--configs: expected a JSON object of {name: {hyper-parameter: value}}", file=sys.stderr)
         raise SystemExit(2) from None
     name = a.name or f"tune_longform_{a.model}_{a.n}"
-    rows_path = RESULTS / f"{name}.rows.json"
+    shard = parse_shard(a.shard)
+    rows_path = RESULTS / (f"{name}.rows.json" if shard is None else f"{name}.rows.{shard[0]}of{shard[1]}.json")
     rows = {}
-    if rows_path.exists():
+    for path in rows_files(name):      # the main file and every shard's: their union
         try:
-            kept = json.loads(rows_path.read_text())
-            rows = kept["rows"]
-            clash = {c: kept["configs"][c] for c in configs if c in kept["configs"] and kept["configs"][c] != configs[c]}
-        except (ValueError, KeyError, TypeError) as e:
-            print(f"{rows_path}: unreadable ({e}); move it away to start again", file=sys.stderr)
+            kept = json.loads(path.read_text())
+            its, kc = kept["rows"], kept["configs"]
+            clash = {c: kc[c] for c in configs if c in kc and kc[c] != configs[c]}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            print(f"{path}: unreadable ({e}); move it away to start again", file=sys.stderr)
             raise SystemExit(2) from None
         if clash:
-            print(f"{rows_path}: configurations {', '.join(clash)} were run with other settings "
+            print(f"{path}: configurations {', '.join(clash)} were run with other settings "
                   f"({clash}); rename them", file=sys.stderr)
             raise SystemExit(2)
-        configs = kept["configs"] | configs
-    if not a.report_only:
-        run(a, configs, rows, rows_path)
+        rows.update(its)
+        configs = kc | configs
+    if not a.report_only:              # the configurations asked for (the table has all kept ones)
+        run(a, asked, configs, rows, rows_path)
     table = summarise(rows, list(configs))
     notes = (f"{a.model}: AnyEdit configurations on validation questions (EditEverything outside the "
              f"benchmark's {a.bench_n}, UnKE after its first {a.bench_n}), one per batch, weights restored "
@@ -128,7 +135,13 @@ def main() -> None:
     write(name, table, ["config", "dataset", "n", *SHOW], notes)
 
 
-def run(a, configs: dict, rows: dict, rows_path: Path) -> None:
+def rows_files(name: str) -> list[Path]:
+    """The kept rows of a sweep: its main file and the files of its shards."""
+    main = RESULTS / f"{name}.rows.json"
+    return [p for p in [main, *sorted(RESULTS.glob(f"{name}.rows.*of*.json"))] if p.exists()]
+
+
+def run(a, asked: dict, configs: dict, rows: dict, rows_path: Path) -> None:
     import torch
     from tqdm.auto import tqdm
 
@@ -144,8 +157,11 @@ def run(a, configs: dict, rows: dict, rows_path: Path) -> None:
     enc = load_encoder()
     data = validation_questions(a.n, a.bench_n)
     order = [(d, qs[i]) for i in range(a.n) for d, qs in data.items() if i < len(qs)]
+    shard = parse_shard(a.shard)
+    if shard is not None:
+        order = order[shard[0]::shard[1]]
     for d, r in tqdm(order, desc=f"validation questions ({len(configs)} configurations each)"):
-        for c, over in configs.items():
+        for c, over in asked.items():
             key = f"{c}|{d}|{r.case_id}"
             if key in rows:
                 continue

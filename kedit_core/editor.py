@@ -102,6 +102,8 @@ class Editor:
                "delta_norms": {d.site: float(d.matrix().norm()) for d in result.deltas},
                "z_loss_mean": float(sum(result.info.get("z_loss", [0])) / max(len(batch), 1)),
                "memory_size": len(self.memory) if self.memory is not None else 0,
+               # the method's own scalar figures (e.g. AnyEdit's targets_s / targets_reused)
+               "method_info": {k: v for k, v in result.info.items() if isinstance(v, (bool, int, float, str))},
                "deltas": result.deltas, "memory": result.memory}
         self.history.append({k: v for k, v in rec.items() if k not in ("deltas", "memory")})
         log.info("batch of %d edited in %.1fs (%.2f s/edit); %d edits so far", len(batch), dt,

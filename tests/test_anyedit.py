@@ -278,6 +278,9 @@ def test_window_targets_are_shared_by_the_bases_and_never_stale(lm, monkeypatch)
     res = {b: m.compute(lm, [req()], states[b])[0] for b in cfgs}
     assert len(calls) == 1
     torch.testing.assert_close(res["memit"].info["targets"], res["alphaedit"].info["targets"])
+    # the hit says so and carries what the targets cost when they were optimised
+    assert (res["memit"].info["targets_reused"], res["alphaedit"].info["targets_reused"]) == (False, True)
+    assert res["alphaedit"].info["targets_s"] == res["memit"].info["targets_s"] > 0
     assert not torch.allclose(res["memit"].deltas[0].dense, res["alphaedit"].deltas[0].dense)
     fresh, _ = real(lm, [longform_sequence(lm, req(), cfgs["memit"])], zopt_config(cfgs["memit"], 1, "block"))
     torch.testing.assert_close(res["alphaedit"].info["targets"], fresh.targets.float(), atol=1e-5, rtol=1e-4)

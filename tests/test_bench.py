@@ -215,9 +215,13 @@ def test_bench_longform_reports_the_methods_on_the_questions_all_of_them_answere
                                  **scores(0.9)}
     items["anyedit-memit|unke|u2"] = {"method": "anyedit-memit", "dataset": "unke", "category": None,
                                       "edit_s": 1.0, "gen_s": 2.0, **scores(0.9)}
+    # memit reused anyedit-memit's targets on u1: on its own it would have paid 5 s for them
+    items["memit|unke|u1"] |= {"edit_alone_s": 6.0, "targets_reused": True}
     a = types.SimpleNamespace(model="m", n=2, max_new_tokens=64)
     bl.report(a, "lf", ["anyedit-memit", "memit"], data, items)
     rec = json.loads((tmp_path / "lf.json").read_text())
+    alone = {(r["method"], r["dataset"]): r.get("edit_alone_s") for r in rec["rows"] if r["method"] == "memit"}
+    assert alone == {("memit", "editevery"): None, ("memit", "unke"): 6.0}
     got = {(r["method"], r["dataset"]): (r["n"], r["rougeL"]) for r in rec["rows"]}
     assert got == {("unedited", "editevery"): (1, 0.1), ("unedited", "unke"): (1, 0.1),
                    ("anyedit-memit", "editevery"): (1, 0.6), ("anyedit-memit", "unke"): (1, 0.6),
@@ -321,3 +325,9 @@ def test_bench_longform_shards_answer_disjoint_questions_and_are_read_together(t
     for f in ("lf.items.json", "lf.items.0of2.json", "lf.items.1of2.json", "lf2.items.json"):
         (tmp_path / f).write_text("{}")
     assert [p.name for p in bl.kept_files("lf")] == ["lf.items.json", "lf.items.0of2.json", "lf.items.1of2.json"]
+    import benchmarks.tune_longform as tl                # the validation sweeps shard the same way
+
+    monkeypatch.setattr(tl, "RESULTS", tmp_path)
+    for f in ("tl.rows.json", "tl.rows.1of2.json", "tl2.rows.0of2.json"):
+        (tmp_path / f).write_text("{}")
+    assert [p.name for p in tl.rows_files("tl")] == ["tl.rows.json", "tl.rows.1of2.json"]
