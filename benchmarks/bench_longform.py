@@ -13,6 +13,8 @@ Methods (--methods, comma-separated):
                       `AlphaEdit/`): one target vector for the whole answer at the last question
                       token, keys there only, the same loss and hyper-parameters - i.e. anyedit
                       with window_size=0 and preserve_context=false
+  memit-own,          the same baselines at their own settings, chosen on validation questions
+  alphaedit-own       (tune_longform.py): 25 target steps, lambda 2000 / L2 10
 EditEverything questions are taken round-robin over its categories (file order within each),
 so that every category has rows; UnKE's first N. The questions go in turn (the datasets
 alternating), each through every method before the next, and every answer is saved at once
@@ -24,6 +26,12 @@ the tables from the saved answers without loading a model).
     python benchmarks/bench_longform.py --n 50                        # the acceptance table
     python benchmarks/bench_longform.py --n 2 --max-new-tokens 64 --tag smoke
     python benchmarks/bench_longform.py --n 50 --report-only         # tables of a partial run
+    python benchmarks/bench_longform.py --n 50 --adopt \
+        longform_smollm2-135m_50_defaults-2026-12-03:memit=memit-own,alphaedit=alphaedit-own
+
+--adopt takes over a kept run's answers of one method as another's, only where both were made
+with the same resolved hyper-parameters, model and answer length (checked; else exit 2): a
+method whose settings equal an older run's does not answer those questions again.
     OMP_NUM_THREADS=1 python benchmarks/bench_longform.py --n 50 --shard 0/2 &   # one core each
     OMP_NUM_THREADS=1 python benchmarks/bench_longform.py --n 50 --shard 1/2 &   # (own files,
                                                       # read together by any later run)
@@ -51,6 +59,15 @@ METHODS = {
     "anyedit-memit": ("anyedit", {"base": "memit"}),
     "memit": ("anyedit", {"base": "memit", "window_size": 0, "preserve_context": False}),
     "alphaedit": ("anyedit", {"base": "alphaedit", "window_size": 0, "preserve_context": False}),
+    # the same baselines at their own settings, chosen on validation questions
+    # (tune_longform_smollm2-135m_5_baselines.md: 25 target steps and the stiffer solve give
+    # greedy answers closer to the reference than AnyEdit's 75 steps, lambda 500 / L2 1);
+    # L2 is unused by the MEMIT solve and mom2_update_weight by AlphaEdit's: pinned so that the resolved
+    # settings equal those of the 2026-12-03 run, whose answers --adopt can take over
+    "memit-own": ("anyedit", {"base": "memit", "window_size": 0, "preserve_context": False,
+                              "v_num_grad_steps": 25, "mom2_update_weight": 2000.0, "L2": 10.0}),
+    "alphaedit-own": ("anyedit", {"base": "alphaedit", "window_size": 0, "preserve_context": False,
+                                  "v_num_grad_steps": 25, "L2": 10.0, "mom2_update_weight": 2000.0}),
 }
 DATASETS = {"editevery": "anyedit/editevery.json", "unke": "anyedit/UnKE_final_data_v2.json"}
 IDENTITY = ("model", "max_new_tokens", "set")   # options an answer depends on
@@ -84,6 +101,8 @@ def main() -> None:
     ap.add_argument("--shard", default=None, help="I/K: answer only every K-th question from the I-th (0-based), "
                                                   "into a file of its own; run K of them side by side (one core "
                                                   "each); any later run reads them all")
+    ap.add_argument("--adopt", default=None, help="RUN:old=new[,old=new...]: take over the kept run RUN's "
+                                                  "answers of `old` as `new`'s (same resolved settings only)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -156,6 +175,50 @@ def config_clash(kept: dict, configs: dict) -> dict[str, list[str]]:
             for m in sorted(configs) if m in kept and kept[m] != configs[m]}
 
 
+def adopt(spec: str, configs: dict, a, items: dict) -> int:
+    """--adopt RUN:old=new,...: copy RUN's kept answers of `old` into `items` as `new`'s
+    (marked `adopted_from`) where `new` has none yet - only if RUN made them with the same
+    model, answer length, --set and resolved hyper-parameters as `new` has here (exit 2
+    naming the difference otherwise). Returns the number of answers taken over."""
+    try:
+        run_name, pairs = spec.split(":", 1)
+        mapping = dict(p.split("=") for p in pairs.split(","))
+    except ValueError:
+        print(f"--adopt: expected RUN:old=new[,old=new...], not {spec!r}", file=sys.stderr)
+        raise SystemExit(2) from None
+    files = kept_files(run_name)
+    if not files:
+        print(f"--adopt: no kept answers of {run_name!r} in {RESULTS}", file=sys.stderr)
+        raise SystemExit(2)
+    n = 0
+    for path in files:
+        try:
+            kept = json.loads(path.read_text())
+            its, was = kept["items"], kept["args"]
+            confs = was["configs"]
+        except (ValueError, KeyError, TypeError) as e:
+            print(f"{path}: unreadable ({e})", file=sys.stderr)
+            raise SystemExit(2) from None
+        for old, new in mapping.items():
+            if new not in configs:
+                print(f"--adopt: {new!r} is not one of the methods run here", file=sys.stderr)
+                raise SystemExit(2)
+            same = [k for k in IDENTITY if was.get(k) != getattr(a, k)]
+            diff = config_clash({new: confs.get(old, {})}, {new: configs[new]}) if old in confs else {new: ["all"]}
+            if same or diff:
+                print(f"{path}: its answers of {old} were made with other "
+                      f"{', '.join(same + [k for ks in diff.values() for k in ks])} than {new} here",
+                      file=sys.stderr)
+                raise SystemExit(2)
+            for key, it in its.items():
+                m, d, c = key.split("|", 2)
+                if m == old and f"{new}|{d}|{c}" not in items:
+                    items[f"{new}|{d}|{c}"] = {**it, "method": new, "adopted_from": f"{run_name}:{old}"}
+                    n += 1
+    log.info("adopted %d answers from %s", n, run_name)
+    return n
+
+
 def run(a, methods, data, items, items_path) -> None:
     import torch
     from tqdm.auto import tqdm
@@ -191,6 +254,9 @@ def run(a, methods, data, items, items_path) -> None:
               f"({which}); use another --tag", file=sys.stderr)
         raise SystemExit(2)
     a.configs = kept | configs
+    if a.adopt:
+        adopt(a.adopt, configs, a, items)
+        save()
     # questions outer, methods inner: an interrupted run has every method on the same questions
     # (a paired comparison), and a rerun goes on from the first question some method lacks
     # the datasets alternate, so that a partial run has rows of both
@@ -249,13 +315,20 @@ def report(a, name, methods, data, items) -> None:
             for c, g in agg.get("by_category", {}).items():
                 cat_rows.append({"method": m, "dataset": d, "category": c, "n": g["n"], **{k: g[k] for k in SHOW}})
     done = ", ".join(f"{d}: {len(paired[d])} of {len(data[d])}" for d in data)
+    used = [items[f"{m}|{d}|{c}"] for m in methods for d in data for c in paired[d]]
+    srcs = {it["adopted_from"] for it in used if "adopted_from" in it}
+    adopted = sum("adopted_from" in it for it in used)
     notes = (f"{a.model}; {a.n} questions per dataset ({done} answered by every method; the tables are "
              "over those), one per batch, weights restored after each; greedy "
              f"answers of {a.max_new_tokens} tokens to the chat-templated question. `unedited` is before "
              "the edits. bleu = sacrebleu sentence BLEU; rougeL / rougeL_recall = rouge-score F1 / recall; "
              "minilm_cosine = the reference's 'Bert Score'; anyedit_char_bleu = the reference's nltk BLEU "
              "over characters. memit / alphaedit: the reference's long-form baselines (one vector for the "
-             "whole answer). edit_s / gen_s: seconds per question; the second base editor of each pair reuses the "
+             "whole answer, AnyEdit's hyper-parameters); memit-own / alphaedit-own: the same at their own "
+             "settings chosen on validation questions (25 target steps, lambda 2000 / L2 10)"
+             + (f"; {adopted} of their answers were taken over (--adopt) from {', '.join(sorted(srcs))}, "
+                "made with the same resolved settings" if adopted else "")
+             + ". edit_s / gen_s: seconds per question; the second base editor of each pair reuses the "
              "first one's window targets (they do not depend on the solve), so its edit_s is its solve; "
              "edit_alone_s adds what the targets cost, i.e. the method run on its own (answers kept from "
              "before 2026-12-04 05:00 lack it).")

@@ -331,3 +331,33 @@ def test_bench_longform_shards_answer_disjoint_questions_and_are_read_together(t
     for f in ("tl.rows.json", "tl.rows.1of2.json", "tl2.rows.0of2.json"):
         (tmp_path / f).write_text("{}")
     assert [p.name for p in tl.rows_files("tl")] == ["tl.rows.json", "tl.rows.1of2.json"]
+
+
+def test_bench_longform_adopts_only_answers_made_with_the_same_resolved_settings(tmp_path, monkeypatch):
+    """--adopt RUN:old=new takes over RUN's answers of `old` as `new`'s (marked, never over an
+    answer `new` already has) when model, answer length, --set and every resolved
+    hyper-parameter agree; any difference, an unknown method or a missing run exits 2."""
+    import types
+
+    import benchmarks.bench_longform as bl
+
+    monkeypatch.setattr(bl, "RESULTS", tmp_path)
+    conf = {"base": "memit", "window_size": 0, "v_num_grad_steps": 25, "mom2_update_weight": 2000.0}
+    args = {"model": "m", "max_new_tokens": 64, "set": "{}", "configs": {"memit": conf}}
+    old = {"memit|unke|1": {"method": "memit", "rougeL": 0.3}, "memit|unke|2": {"method": "memit", "rougeL": 0.4},
+           "anyedit-memit|unke|1": {"method": "anyedit-memit", "rougeL": 0.9}}
+    (tmp_path / "old.items.json").write_text(json.dumps({"args": args, "items": old}))
+    a = types.SimpleNamespace(model="m", max_new_tokens=64, set="{}")
+    items = {"memit-own|unke|2": {"method": "memit-own", "rougeL": 0.5}}
+    assert bl.adopt("old:memit=memit-own", {"memit-own": dict(conf)}, a, items) == 1
+    assert items["memit-own|unke|1"] == {"method": "memit-own", "rougeL": 0.3, "adopted_from": "old:memit"}
+    assert items["memit-own|unke|2"]["rougeL"] == 0.5 and len(items) == 2
+    for spec, configs, ns in [
+            ("old:memit=memit-own", {"memit-own": conf | {"v_num_grad_steps": 75}}, a),     # a setting
+            ("old:memit=memit-own", {"memit-own": conf}, types.SimpleNamespace(model="m", max_new_tokens=512, set="{}")),
+            ("old:memit=memit-own", {"other": conf}, a),                                   # not run here
+            ("old:alphaedit=memit-own", {"memit-own": conf}, a),                           # not in RUN
+            ("gone:memit=memit-own", {"memit-own": conf}, a), ("old-memit", {"memit-own": conf}, a)]:
+        with pytest.raises(SystemExit) as e:
+            bl.adopt(spec, configs, ns, dict(items))
+        assert e.value.code == 2, spec
