@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import resource
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -134,7 +133,12 @@ def run_cell(conf: dict) -> dict:
     which a Ray task would otherwise swallow."""
     from pipelines.config import RunConfig
     from pipelines.edit_job import EditStream
+    from pipelines.evaluation import reset_peak_rss, rss_mb
 
+    # cells that share a process (ray=False) each report their own peak: the peak is reset
+    # at the start of the cell; where the OS cannot reset it, the cell says its peak is the
+    # process's so far
+    scope = "cell" if reset_peak_rss() else "process"
     Path(conf["out"]).mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(Path(conf["out"]) / "cell.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
@@ -151,7 +155,7 @@ def run_cell(conf: dict) -> dict:
             r.setLevel(lv)
         handler.close()
     cell = {"pre": res["pre"], "post": res["post"], "seconds_per_edit": res["seconds_per_edit"], "n_edits": res["n_edits"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": rss_mb()["peak_rss_mb"], "peak_rss_scope": scope}
     atomic_write_text(Path(conf["out"]) / "bench_cell.json", json.dumps(cell, default=str))
     return cell
 
@@ -315,7 +319,7 @@ def write_report(out: Path, cfg: BenchConfig, rows: list[dict]) -> list[Path]:
     if variants:
         lines += ["Variants: " + "; ".join(f"`{m}` = {base_method(m)} with {json.dumps(r.get('set', {}))}"
                                            for m, r in variants.items()), ""]
-    csv_rows = []
+    csv_rows, shared_peak = [], False
     for fam in dict.fromkeys(r["family"] for r in rows):
         cols = FAMILY_METRICS[fam]
         lines += [f"## {fam}", "", "| method | data | " + " | ".join(c for c, _ in cols)
@@ -333,15 +337,22 @@ def write_report(out: Path, cfg: BenchConfig, rows: list[dict]) -> list[Path]:
                 vals = ["failed" if "error" in r else "not run yet"] + ["-"] * (len(cols) - 1)
             spe = f"{r['seconds_per_edit']:.2f}" if isinstance(r.get("seconds_per_edit"), (int, float)) else "-"
             rss = f"{r['peak_rss_mb']:.0f}" if isinstance(r.get("peak_rss_mb"), (int, float)) else "-"
+            if rss != "-" and r.get("peak_rss_scope") == "process":
+                rss += " (process)"
+                shared_peak = True
             a, b = (r.get("pre") or {}).get("perplexity"), post.get("perplexity")
             ppl = f"{a:.2f} -> {b:.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "-"
             lines.append(f"| {r['method']} | {Path(r['data']).name} | " + " | ".join(vals) + f" | {ppl} | {spe} | {rss} |")
         lines.append("")
+    if shared_peak:
+        lines += ["peak RSS \"(process)\": the cell ran in a process shared with the cells before it (`--no-ray`) "
+                  "without the peak reset at its start (an OS that cannot reset it, or a cell run before kedit did): the "
+                  "process's peak so far, not the cell's own.", ""]
     for r in rows:
         post = r.get("post") or {}
         cell = {"method": r["method"], "data": r["data"], "family": r["family"],
                 "seconds_per_edit": r.get("seconds_per_edit"), "peak_rss_mb": r.get("peak_rss_mb"),
-                "error": r.get("error", "")}
+                "peak_rss_scope": r.get("peak_rss_scope", ""), "error": r.get("error", "")}
         # the end point's own seconds_per_edit is its last batch's; the cell's is the stream's mean
         csv_rows.append({**cell, **{(f"last_batch/{k}" if k in cell else k): v for k, v in post.items()
                                     if isinstance(v, (int, float))}})

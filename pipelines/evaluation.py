@@ -41,6 +41,19 @@ def rss_mb() -> dict:
     return {"rss_mb": now, "peak_rss_mb": max(vals.get("VmHWM", peak), now)}
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident memory (VmHWM, and with it getrusage's ru_maxrss) to
+    what it holds now, so that the next `rss_mb()["peak_rss_mb"]` is the peak of what follows
+    (Linux >= 4.0: "5" written to /proc/self/clear_refs). False where the OS cannot: the peak
+    then stays the process's peak so far."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def make_plan(cfg, dataset: Sequence, n_stream: int) -> dict:
     """The evaluation plan of a stream, recorded in run.json once: retention sample size and
     seed, the probe (dataset indices and case ids), the unit size."""

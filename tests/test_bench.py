@@ -54,6 +54,11 @@ def test_bench_in_process_report_resume_and_mlflow(files, tmp_path):
     pre = json.loads((out / "cells" / "memit__evoke" / "metrics.json").read_text())["pre"]
     assert 0.0 <= pre["bench/multihop_EOS"] <= 1.0 and "bench/efficacy_AMS" in pre
     assert md.count("| (unedited) |") == 2
+    # cells sharing this process each report their own peak (reset at the start of each cell)
+    for c in ("memit__builtin", "ft-m__evoke"):
+        cell = json.loads((out / "cells" / c / "bench_cell.json").read_text())
+        assert cell["peak_rss_scope"] == "cell" and cell["peak_rss_mb"] > 0
+    assert "(process)" not in md
     assert "after 2 edits" in (out / "cells" / "memit__evoke" / "cell.log").read_text()
     # a finished cell is read back, not recomputed
     cell = out / "cells" / "memit__builtin" / "metrics.json"
@@ -361,3 +366,31 @@ def test_bench_longform_adopts_only_answers_made_with_the_same_resolved_settings
         with pytest.raises(SystemExit) as e:
             bl.adopt(spec, configs, ns, dict(items))
         assert e.value.code == 2, spec
+
+
+def test_peak_rss_reset_gives_each_in_process_cell_its_own_peak(tmp_path):
+    """The peak after reset_peak_rss() is the peak of what follows, not of what came before;
+    a cell whose peak could not be reset is labelled as the process's in the report."""
+    import numpy as np
+
+    from pipelines.bench_job import BenchConfig, write_report
+    from pipelines.evaluation import reset_peak_rss, rss_mb
+
+    if not reset_peak_rss():
+        pytest.skip("this OS cannot reset the peak RSS (/proc/self/clear_refs)")
+    base = rss_mb()["rss_mb"]
+    big = np.ones(400 * 2**20 // 8)           # 400 MB more resident (its own mapping, returned on del)
+    big[::512] = 2.0
+    del big
+    assert rss_mb()["peak_rss_mb"] >= base + 350
+    assert reset_peak_rss()
+    after = rss_mb()
+    assert after["peak_rss_mb"] < base + 200 and after["peak_rss_mb"] >= after["rss_mb"] - 1
+    rows = [{"method": m, "data": "builtin", "family": "counterfact", "cell": f"{m}__builtin", "set": {},
+             "pre": {}, "post": {"all/efficacy_score": 1.0}, "seconds_per_edit": 1.0, "n_edits": 2,
+             "peak_rss_mb": 1234.0, "peak_rss_scope": sc} for m, sc in (("memit", "cell"), ("rome", "process"))]
+    (tmp_path / "b").mkdir()
+    write_report(tmp_path / "b", BenchConfig(model="tiny-random-llama", methods=["memit", "rome"],
+                                             data=["builtin"], out=str(tmp_path / "b")), rows)
+    md = (tmp_path / "b" / "report.md").read_text()
+    assert "| 1234 |" in md and "| 1234 (process) |" in md and "the process's peak so far" in md
