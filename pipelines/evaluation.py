@@ -25,9 +25,8 @@ log = logging.getLogger(__name__)
 GROUPS = ("latest", "first", "retention", "all")
 
 
-def rss_mb() -> dict:
-    """Resident memory of this process now and at its peak so far (MB): VmRSS and VmHWM of
-    /proc/self/status, else getrusage's peak for both."""
+def _proc_status_mb() -> dict:
+    """VmRSS and VmHWM of /proc/self/status in MB (empty where there is no such file)."""
     vals = {}
     try:
         with open("/proc/self/status") as fh:
@@ -35,23 +34,34 @@ def rss_mb() -> dict:
                 if line.startswith(("VmRSS:", "VmHWM:")):
                     vals[line[:5]] = int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
-        pass
+        return {}
+    return vals
+
+
+def rss_mb() -> dict:
+    """Resident memory of this process now and at its peak so far (MB): VmRSS and VmHWM of
+    /proc/self/status, else getrusage's peak for both."""
+    vals = _proc_status_mb()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     now = vals.get("VmRSS", peak)
     return {"rss_mb": now, "peak_rss_mb": max(vals.get("VmHWM", peak), now)}
 
 
 def reset_peak_rss() -> bool:
-    """Reset this process's peak resident memory (VmHWM, and with it getrusage's ru_maxrss) to
-    what it holds now, so that the next `rss_mb()["peak_rss_mb"]` is the peak of what follows
-    (Linux >= 4.0: "5" written to /proc/self/clear_refs). False where the OS cannot: the peak
-    then stays the process's peak so far."""
+    """Reset this process's peak resident memory (VmHWM) to what it holds now, so that the next
+    `rss_mb()["peak_rss_mb"]` is the peak of what follows (Linux >= 4.0: "5" written to
+    /proc/self/clear_refs). True only where the reset is seen: VmHWM is readable afterwards and
+    no higher than VmRSS then (getrusage's ru_maxrss, rss_mb's fallback, is not reset: it keeps
+    the peak of threads that have exited). False where the OS cannot: the peak then stays the
+    process's peak so far."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
-        return True
     except OSError:
         return False
+    vals = _proc_status_mb()
+    # a few MB of slack: the process may grow between the write and the read
+    return "VmHWM" in vals and "VmRSS" in vals and vals["VmHWM"] <= vals["VmRSS"] + 16
 
 
 def make_plan(cfg, dataset: Sequence, n_stream: int) -> dict:

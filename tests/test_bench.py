@@ -371,6 +371,8 @@ def test_bench_longform_adopts_only_answers_made_with_the_same_resolved_settings
 def test_peak_rss_reset_gives_each_in_process_cell_its_own_peak(tmp_path):
     """The peak after reset_peak_rss() is the peak of what follows, not of what came before;
     a cell whose peak could not be reset is labelled as the process's in the report."""
+    import mmap
+
     import numpy as np
 
     from pipelines.bench_job import BenchConfig, write_report
@@ -379,9 +381,15 @@ def test_peak_rss_reset_gives_each_in_process_cell_its_own_peak(tmp_path):
     if not reset_peak_rss():
         pytest.skip("this OS cannot reset the peak RSS (/proc/self/clear_refs)")
     base = rss_mb()["rss_mb"]
-    big = np.ones(400 * 2**20 // 8)           # 400 MB more resident (its own mapping, returned on del)
-    big[::512] = 2.0
-    del big
+    # 400 MB of fresh pages straight from the kernel: an anonymous mapping of its own, every page
+    # touched, then unmapped. (np.ones went through malloc, which in a process that has run other
+    # tests can hand back memory that is already resident: the peak then never moved, and CI failed.)
+    big = mmap.mmap(-1, 400 * 2**20)
+    pages = np.frombuffer(big, dtype=np.uint8)
+    pages[::mmap.PAGESIZE] = 1
+    del pages
+    assert rss_mb()["rss_mb"] >= base + 350
+    big.close()
     assert rss_mb()["peak_rss_mb"] >= base + 350
     assert reset_peak_rss()
     after = rss_mb()
