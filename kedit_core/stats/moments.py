@@ -36,16 +36,15 @@ class SecondMoment:
     texts: int | None = None     # texts the sum came from (recorded by the store)
 
     @classmethod
-    def zeros(cls, d: int) -> "SecondMoment":
-        return cls(torch.zeros(d, d, dtype=torch.float64), 0)
+    def zeros(cls, d: int, device: torch.device | str | None = None) -> "SecondMoment":
+        return cls(torch.zeros(d, d, dtype=torch.float64, device=device), 0)
 
     def update(self, k: torch.Tensor) -> None:
-        """Add the rows of k (n, d)."""
+        """Add the rows of k (n, d): k^T k formed on k's device in float32 (exactly so for
+        half-precision keys, module `gram`), added to the float64 sum."""
         if k.shape[0] == 0:
             return
-        k = k.detach()
-        kk = k.T @ k if k.dtype in (torch.float32, torch.float64) else k.float().T @ k.float()
-        self.sum += kk.to(device=self.sum.device, dtype=torch.float64)
+        self.sum += gram(k.detach()).to(device=self.sum.device, dtype=torch.float64)
         self.count += int(k.shape[0])
 
     def merge(self, other: "SecondMoment") -> "SecondMoment":
@@ -57,6 +56,33 @@ class SecondMoment:
         if self.count == 0:
             raise ValueError("no tokens were accumulated")
         return self.sum / self.count
+
+
+def gram(k: torch.Tensor) -> torch.Tensor:
+    """k^T k in float32 (float64 for float64 k). Keys of a bf16 / fp16 model are exact in
+    TF32 (8-bit exponent, 10-bit mantissa: bf16 has 7 mantissa bits, fp16 10 and a 5-bit
+    exponent), so on a GPU their product runs on the tensor cores in TF32 with float32
+    accumulation and loses nothing against a full float32 product; float32 keys of a float32
+    model keep the full-precision product."""
+    if k.dtype == torch.float64:
+        return k.T @ k
+    if k.dtype in (torch.bfloat16, torch.float16) and k.is_cuda:
+        kf = k.float()
+        with _tf32_matmul():
+            return kf.T @ kf
+    kf = k if k.dtype == torch.float32 else k.float()
+    return kf.T @ kf
+
+
+class _tf32_matmul:
+    """CUDA matmuls in TF32 inside the block (restores the setting after)."""
+
+    def __enter__(self):
+        self.old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.old
 
 
 def merge_all(parts: Iterable[dict[str, SecondMoment]]) -> dict[str, SecondMoment]:
@@ -80,13 +106,14 @@ def collect_second_moments(lm: LoadedModel, sites: Sequence[str], token_lists: S
     model, arch = lm.model, lm.arch
     modules = {s: arch.module(model, s) for s in sites}
     deepest = max(sites, key=lambda s: int(s.split(".")[1]))
-    moments = {s: SecondMoment.zeros(arch.dims(model, s)[1]) for s in sites}
+    # the float64 sums live on the model's device (a GPU adds each batch's d x d product where
+    # it was formed, instead of copying it to the host) and come back to the CPU at the end
+    moments = {s: SecondMoment.zeros(arch.dims(model, s)[1], device=lm.device) for s in sites}
     pad = pad_id(lm.tokenizer)
     mask_ref: dict[str, torch.Tensor] = {}
 
     def on_input(site: str, x: torch.Tensor) -> None:
-        keep = mask_ref["mask"]
-        moments[site].update(x[keep].float() if x.dtype != torch.float32 else x[keep])
+        moments[site].update(x[mask_ref["mask"]])
 
     with trace(modules, inputs=True, outputs=False, stop_after=deepest, on_input=on_input):
         for idx in batches_by_tokens(token_lists, batch_tokens):
@@ -96,6 +123,8 @@ def collect_second_moments(lm: LoadedModel, sites: Sequence[str], token_lists: S
             run_until_stopped(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False))
             if progress:
                 progress(int(mask.sum()), len(seqs))
+    for m in moments.values():
+        m.sum = m.sum.cpu()
     return moments
 
 

@@ -201,8 +201,10 @@ class StatsStore:
         return moments
 
     # ---------------------------------------------------------------- projectors
-    def projector(self, spec: StatsSpec, moment: SecondMoment, threshold: float) -> torch.Tensor:
-        """AlphaEdit's null-space projector of E[k k^T] (eigenvalues < threshold), cached."""
+    def projector(self, spec: StatsSpec, moment: SecondMoment, threshold: float,
+                  device: torch.device | None = None) -> torch.Tensor:
+        """AlphaEdit's null-space projector of E[k k^T] (eigenvalues < threshold), cached;
+        computed on `device` when given (kedit_core.linalg.linalg_device), returned on the CPU."""
         pspec = StatsSpec(**{**asdict(spec), "kind": f"proj{threshold:g}"})
         p = self.path(pspec)
         if p.is_file():
@@ -211,7 +213,7 @@ class StatsStore:
                     and meta.get("sha256") == tensor_sha256(tensors["P"])):
                 return tensors["P"]
             log.warning("recomputing the projector %s (stale or damaged)", p)
-        P, rank = nullspace_projector(moment.mean(), threshold)
+        P, rank = nullspace_projector(moment.mean(), threshold, device=device)
         _atomic_save({"P": P}, {"identity": json.dumps(pspec.identity(), sort_keys=True),
                                 "rank": str(rank), "threshold": str(threshold), "sha256": tensor_sha256(P)}, p)
         log.info("null-space projector for %s: rank %d of %d (threshold %g)", spec.site, rank,
@@ -231,7 +233,7 @@ class StatsView:
     def __getitem__(self, site: str) -> SecondMoment:
         return self.moments[site]
 
-    def projector(self, site: str, threshold: float) -> torch.Tensor:
+    def projector(self, site: str, threshold: float, device: torch.device | None = None) -> torch.Tensor:
         if self.store is not None and site in self.specs:
-            return self.store.projector(self.specs[site], self.moments[site], threshold)
-        return nullspace_projector(self.moments[site].mean(), threshold)[0]
+            return self.store.projector(self.specs[site], self.moments[site], threshold, device=device)
+        return nullspace_projector(self.moments[site].mean(), threshold, device=device)[0]

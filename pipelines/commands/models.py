@@ -27,7 +27,10 @@ def run(args) -> int:
         t.add_row(alias, f"{m.description}; {m.licence}", pkg, cache)
     for alias in TINY_ALIASES:
         t.add_row(alias, "tiny random model for unit tests (seed 0)", "built in", "-")
+    from kedit_core.models.random_init import shipped_configs
+    for name in shipped_configs():
+        t.add_row(f"random:{name}", "real shapes, random weights (seed 0): for timing only", "built in", "-")
     Console().print(t)
-    print("Also accepted: a hub id, a local model directory, or a .gguf file.")
+    print("Also accepted: a hub id, a local model directory, a .gguf file, or random:CONFIG.json[@TOKENIZER_DIR].")
     print("Supported architectures:", ", ".join(supported_architectures()))
     return 0

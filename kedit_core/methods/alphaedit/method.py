@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import torch
 
-from kedit_core.linalg import solve
+from kedit_core.linalg import linalg_device, solve
 from kedit_core.methods.base import EditConfig, MethodInfo, Stateless, hp, register
 from kedit_core.methods.common import LocalBackend, mlp_out_stats, spread_over_layers
 from kedit_core.types import EditResult, StatKey
@@ -69,13 +69,16 @@ class AlphaEditConfig(EditConfig):
     }
 
 
-def alphaedit_solve(P: torch.Tensor, KK: torch.Tensor, KR: torch.Tensor, L2: float) -> torch.Tensor:
+def alphaedit_solve(P: torch.Tensor, KK: torch.Tensor, KR: torch.Tensor, L2: float,
+                    device: torch.device | None = None) -> torch.Tensor:
     """AlphaEdit eq. 14 from moments: delta^T = (P KK + L2 I)^{-1} P K R^T, KK the moment of the
     keys to write and of the keys to preserve besides C's (the earlier batches' K_p K_p^T; for
-    AnyEdit the other positions of the sequence); delta (H, d) lies in the range of P."""
-    p = P.double()
-    A = p @ KK.double() + L2 * torch.eye(p.shape[0], dtype=torch.float64)
-    return solve(A, p @ KR.double()).T
+    AnyEdit the other positions of the sequence); delta (H, d) lies in the range of P. Computed
+    on `device` (kedit_core.linalg.linalg_device), returned on KR's."""
+    dev = device if device is not None else KR.device
+    p = P.to(dev, torch.float64)
+    A = p @ KK.to(dev, torch.float64) + L2 * torch.eye(p.shape[0], dtype=torch.float64, device=dev)
+    return solve(A, p @ KR.to(dev, torch.float64)).T.to(KR.device)
 
 
 @register
@@ -89,7 +92,8 @@ class AlphaEdit(Stateless):
         return mlp_out_stats(lm, cfg.layers)
 
     def prepare(self, lm, cfg: AlphaEditConfig, stats) -> dict:
-        P = {l: stats.projector(lm.arch.mlp_out_site(l), cfg.nullspace_threshold) for l in cfg.layers}
+        dev = linalg_device(lm)
+        P = {l: stats.projector(lm.arch.mlp_out_site(l), cfg.nullspace_threshold, device=dev) for l in cfg.layers}
         d = {l: P[l].shape[0] for l in cfg.layers}
         return {"cfg": cfg, "P": P, "KpKp": {l: torch.zeros(d[l], d[l], dtype=torch.float64) for l in cfg.layers}}
 
@@ -100,11 +104,12 @@ class AlphaEdit(Stateless):
 
         ascending = list(cfg.layers) == sorted(set(cfg.layers))
         new_kpkp = {}
+        dev = linalg_device(lm)
 
         def solve_layer(i, layer, KK, KR):
             if ascending:   # these keys are those after the whole update (module docstring)
                 new_kpkp[layer] = KpKp[layer] + KK
-            return alphaedit_solve(P[layer], KK + KpKp[layer], KR, cfg.L2)
+            return alphaedit_solve(P[layer], KK + KpKp[layer], KR, cfg.L2, device=dev)
 
         deltas, info = spread_over_layers(backend, requests, cfg, solve_layer)
         if not ascending:

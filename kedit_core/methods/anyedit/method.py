@@ -55,6 +55,7 @@ import torch
 from kedit_core.apply import temporarily_applied
 from kedit_core.errors import BadInputError
 from kedit_core.generation import chat_prompt, end_of_turn, has_chat_template
+from kedit_core.linalg import linalg_device
 from kedit_core.methods.alphaedit.method import alphaedit_solve
 from kedit_core.methods.base import MethodConfig, MethodInfo, Stateless, hp, model_key, register
 from kedit_core.methods.common import LocalBackend, mlp_out_stats, spread_over_layers
@@ -259,17 +260,19 @@ class AnyEdit(Stateless):
         sites = {l: lm.arch.mlp_out_site(l) for l in cfg.layers}
         if cfg.base == "memit":
             return {"cfg": cfg, "C": {l: stats[s].mean() for l, s in sites.items()}}
-        return {"cfg": cfg, "P": {l: stats.projector(s, cfg.nullspace_threshold) for l, s in sites.items()}}
+        dev = linalg_device(lm)
+        return {"cfg": cfg, "P": {l: stats.projector(s, cfg.nullspace_threshold, device=dev) for l, s in sites.items()}}
 
     def compute(self, lm, requests, state, backend=None, memory=None):
         cfg: AnyEditConfig = state["cfg"]
         seqs = [longform_sequence(lm, r, cfg) for r in requests]
+        dev = linalg_device(lm)
         if cfg.base == "memit":
             def solve_layer(i, layer, KK, KR):
-                return memit_solve(state["C"][layer], cfg.mom2_update_weight, KK, KR)
+                return memit_solve(state["C"][layer], cfg.mom2_update_weight, KK, KR, device=dev)
         else:
             def solve_layer(i, layer, KK, KR):
-                return alphaedit_solve(state["P"][layer], KK, KR, cfg.L2)
+                return alphaedit_solve(state["P"][layer], KK, KR, cfg.L2, device=dev)
         work = WindowBackend(lm, cfg.preserve_context)
         deltas, info = spread_over_layers(work, seqs, cfg, solve_layer)
         info["windows"] = list(work.counts)

@@ -35,7 +35,7 @@ from typing import ClassVar
 
 import torch
 
-from kedit_core.linalg import solve_spd
+from kedit_core.linalg import linalg_device, solve_spd
 from kedit_core.methods.base import EditConfig, MethodInfo, Stateless, hp, register
 from kedit_core.methods.common import LocalBackend, mlp_out_stats, spread_over_layers
 from kedit_core.types import EditResult, StatKey
@@ -67,11 +67,15 @@ class MemitConfig(EditConfig):
     }
 
 
-def memit_solve(C: torch.Tensor, lam: float, KK: torch.Tensor, KR: torch.Tensor) -> torch.Tensor:
+def memit_solve(C: torch.Tensor, lam: float, KK: torch.Tensor, KR: torch.Tensor,
+                device: torch.device | None = None) -> torch.Tensor:
     """MEMIT eq. 14 from moments: delta (H, d) = R K^T (lam C + KK)^{-1}, given KK = K K^T (plus
-    any further preserved keys' moments a caller adds, e.g. AnyEdit's K_p K_p^T) and KR = K R^T."""
-    X = solve_spd(lam * C.double() + KK.double(), KR)   # (d, H)
-    return X.T
+    any further preserved keys' moments a caller adds, e.g. AnyEdit's K_p K_p^T) and KR = K R^T;
+    computed on `device` (kedit_core.linalg.linalg_device), returned on KR's."""
+    dev = device if device is not None else KR.device
+    A = lam * C.to(dev, torch.float64) + KK.to(dev, torch.float64)
+    X = solve_spd(A, KR.to(dev, torch.float64))   # (d, H)
+    return X.T.to(KR.device)
 
 
 @register
@@ -90,9 +94,10 @@ class MEMIT(Stateless):
     def compute(self, lm, requests, state, backend=None, memory=None):
         cfg: MemitConfig = state["cfg"]
         backend = backend or LocalBackend(lm, cfg.v_batch_size)
+        dev = linalg_device(lm)
 
         def solve_layer(i, layer, KK, KR):
-            return memit_solve(state["C"][layer], cfg.mom2_update_weight, KK, KR)
+            return memit_solve(state["C"][layer], cfg.mom2_update_weight, KK, KR, device=dev)
 
         deltas, info = spread_over_layers(backend, requests, cfg, solve_layer)
         return EditResult(tuple(deltas), info), state

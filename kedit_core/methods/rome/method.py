@@ -44,7 +44,7 @@ from typing import ClassVar
 import torch
 
 from kedit_core.apply import temporarily_applied
-from kedit_core.linalg import solve_spd
+from kedit_core.linalg import linalg_device, solve_spd
 from kedit_core.methods.base import EditConfig, MethodInfo, Stateless, hp, register
 from kedit_core.methods.common import mlp_out_stats, zopt_config
 from kedit_core.types import EditResult, StatKey, WeightDelta
@@ -111,7 +111,8 @@ class ROME(Stateless):
                 bare_in, bare_out = hidden_at_subject(lm, [req], ["{}"], inputs_of=[site], outputs_of=[site])
                 k_star = keys[site][0].double()
                 k, wk = bare_in[site][0].double(), bare_out[site][0].double()
-                u = solve_spd(state["C"], k_star.unsqueeze(1)).squeeze(1) if cfg.mom2_adjustment else k_star
+                u = (solve_spd(state["C"], k_star.unsqueeze(1), device=linalg_device(lm)).squeeze(1)
+                     if cfg.mom2_adjustment else k_star)
                 u = u / u.norm()
                 right = (v.targets[0].double().cpu() - wk) / torch.dot(k, u)
                 d = WeightDelta(site, left=right.float().unsqueeze(1), right=u.float().unsqueeze(1))
