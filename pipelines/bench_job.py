@@ -53,8 +53,8 @@ FAMILY_OF_FORMAT = {"counterfact": "counterfact", "counterfact-flat": "counterfa
 @dataclass(kw_only=True)
 class BenchConfig:
     model: str = "smollm2-135m"
-    methods: list[str] = field(default_factory=lambda: ["memit", "alphaedit"])
-    data: list[str] = field(default_factory=lambda: ["builtin"])
+    methods: list[str] = field(default_factory=list)
+    data: list[str] = field(default_factory=list)
     limit: int | None = 100
     batch_size: int = 10
     eval_every: int = 0
@@ -78,6 +78,70 @@ class BenchConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def build_bench_config(file: str | None = None, **flags) -> BenchConfig:
+    """A YAML job file's keys (BenchConfig's fields: `methods` and `data` as lists or comma
+    strings, `set` as {method: {name: value}}), then the flags given (None: not given; a
+    flag's `set` entries go on top of the file's). Names and types are checked: one-line
+    errors naming the file and the key."""
+    import yaml
+
+    names = {f.name for f in fields(BenchConfig)}
+    values: dict[str, Any] = {}
+    if file:
+        try:
+            raw = yaml.safe_load(Path(file).read_text()) or {}
+        except FileNotFoundError:
+            raise BadInputError("no such config file", file=file) from None
+        except yaml.YAMLError as e:
+            raise BadInputError(f"not valid YAML ({' '.join(str(e).split())[:120]})", file=file) from None
+        if not isinstance(raw, dict):
+            raise BadInputError("a job config is a mapping of option names to values", file=file)
+        for k, v in raw.items():
+            k = str(k).replace("-", "_")
+            if k not in names:
+                raise BadInputError(f"unknown option (known: {', '.join(sorted(names))})", file=file, field=k)
+            values[k] = v
+    flag_set = flags.pop("set", None) or {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    cfg = BenchConfig()
+    for k, v in values.items():
+        default = getattr(cfg, k)
+        try:
+            if k in ("methods", "data"):
+                items = v.split(",") if isinstance(v, str) else list(v)
+                v = [str(x).strip() for x in items if str(x).strip()]
+            elif k == "set":
+                if not isinstance(v, dict) or not all(isinstance(x, dict) for x in v.values()):
+                    raise TypeError
+                # the same strings as `--set METHOD.NAME=VALUE` (a bench directory compares them)
+                v = {str(m): {str(n): _as_flag(x) for n, x in kv.items()} for m, kv in v.items()}
+            elif isinstance(default, bool):
+                v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
+            elif k == "limit":
+                v = None if v is None else int(v)
+            elif isinstance(default, int):
+                v = int(v)
+            elif isinstance(default, float):
+                v = float(v)
+            elif v is not None:
+                v = str(v)
+        except (TypeError, ValueError, AttributeError):
+            raise BadInputError(f"cannot read {v!r} as the type of {k}", file=file, field=k) from None
+        setattr(cfg, k, v)
+    for m, kv in flag_set.items():
+        cfg.set.setdefault(m, {}).update(kv)
+    return cfg
+
+
+def _as_flag(v) -> str:
+    """A YAML value as the command line writes it: true / false, 4,5,6, 2000."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return ",".join(_as_flag(x) for x in v)
+    return str(v)
 
 
 def base_method(method: str) -> str:

@@ -402,3 +402,35 @@ def test_peak_rss_reset_gives_each_in_process_cell_its_own_peak(tmp_path):
                                              data=["builtin"], out=str(tmp_path / "b")), rows)
     md = (tmp_path / "b" / "report.md").read_text()
     assert "| 1234 |" in md and "| 1234 (process) |" in md and "the process's peak so far" in md
+
+
+def test_bench_job_config_file_and_flags(tmp_path):
+    """`kedit bench --config FILE.yaml`: the shipped bench job parses into the table's cells; flags
+    win over the file; YAML values of --set become the command line's strings; bad keys and
+    types are one-line errors naming the file and the key."""
+    from kedit_core.errors import BadInputError
+    from pipelines.bench_job import build_bench_config
+    from tests.conftest import ROOT
+
+    job = ROOT / "cluster_configs" / "jobs" / "bench" / "smollm2_methods_x_benchmarks.yaml"
+    cfg = build_bench_config(str(job))
+    assert cfg.model == "smollm2-135m" and cfg.limit == 100 and cfg.batch_size == 10 and cfg.ray
+    assert {"rome", "rome@lti", "memit", "alphaedit", "ft-m", "ike"} <= set(cfg.methods) and len(cfg.data) == 4
+    assert cfg.set == {"rome@lti": {"lti": "true"}, "memit@lti": {"lti": "true"}}
+    # the acceptance run's record holds the same cell hyper-parameters (a rerun would be accepted)
+    rec = json.loads((ROOT / "benchmarks/results/bench_smollm2-135m/bench.json").read_text())
+    assert rec["cells"]["rome@lti__evoke_main_sample100"]["set"] == cfg.set["rome@lti"]
+    over = build_bench_config(str(job), limit=20, out=str(tmp_path / "b"), ray=False,
+                              set={"memit": {"layers": "4,5"}})
+    assert over.limit == 20 and over.out == str(tmp_path / "b") and not over.ray
+    assert over.set["memit"] == {"layers": "4,5"} and over.set["rome@lti"] == {"lti": "true"}
+    f = tmp_path / "j.yaml"
+    f.write_text("methods: memit\ndata: a.json,b.json\nset: {memit: {layers: [4, 5], mom2_update_weight: 2000}}\n")
+    c = build_bench_config(str(f))
+    assert c.methods == ["memit"] and c.data == ["a.json", "b.json"]
+    assert c.set == {"memit": {"layers": "4,5", "mom2_update_weight": "2000"}}
+    for text, key in (("methodz: [memit]\n", "methodz"), ("limit: many\n", "limit"), ("set: [1]\n", "set")):
+        f.write_text(text)
+        with pytest.raises(BadInputError) as e:
+            build_bench_config(str(f))
+        assert str(f) in str(e.value) and key in str(e.value)
