@@ -85,24 +85,9 @@ def build_bench_config(file: str | None = None, **flags) -> BenchConfig:
     strings, `set` as {method: {name: value}}), then the flags given (None: not given; a
     flag's `set` entries go on top of the file's). Names and types are checked: one-line
     errors naming the file and the key."""
-    import yaml
+    from pipelines.config import read_job_file
 
-    names = {f.name for f in fields(BenchConfig)}
-    values: dict[str, Any] = {}
-    if file:
-        try:
-            raw = yaml.safe_load(Path(file).read_text()) or {}
-        except FileNotFoundError:
-            raise BadInputError("no such config file", file=file) from None
-        except yaml.YAMLError as e:
-            raise BadInputError(f"not valid YAML ({' '.join(str(e).split())[:120]})", file=file) from None
-        if not isinstance(raw, dict):
-            raise BadInputError("a job config is a mapping of option names to values", file=file)
-        for k, v in raw.items():
-            k = str(k).replace("-", "_")
-            if k not in names:
-                raise BadInputError(f"unknown option (known: {', '.join(sorted(names))})", file=file, field=k)
-            values[k] = v
+    values: dict[str, Any] = read_job_file(file, sorted(f.name for f in fields(BenchConfig))) if file else {}
     flag_set = flags.pop("set", None) or {}
     values.update({k: v for k, v in flags.items() if v is not None})
     cfg = BenchConfig()

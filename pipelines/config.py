@@ -107,8 +107,10 @@ def _coerce(name: str, value: Any, where: str | None) -> Any:
         raise BadInputError(f"cannot read {value!r} as the type of {name}", file=where, field=name) from e
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """The keys of a YAML job config, validated against RunConfig (unknown keys refused)."""
+def read_job_file(path: str | Path, known) -> dict[str, Any]:
+    """The keys of a YAML job config (`-` read as `_`), each one of `known`: a missing file,
+    invalid YAML, a non-mapping or an unknown key is a one-line error naming the file (and key).
+    `kedit edit`, `kedit train` and `kedit bench` read their --config through it."""
     import yaml
 
     p = Path(path)
@@ -122,13 +124,19 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raw = {}
     if not isinstance(raw, dict):
         raise BadInputError("a job config is a mapping of option names to values", file=str(p))
+    known = list(known)
     out = {}
     for k, v in raw.items():
         name = str(k).replace("-", "_")
-        if name not in FIELDS:
-            raise BadInputError(f"unknown option (known: {', '.join(FIELDS)})", file=str(p), field=str(k))
-        out[name] = _coerce(name, v, str(p))
+        if name not in known:
+            raise BadInputError(f"unknown option (known: {', '.join(known)})", file=str(p), field=str(k))
+        out[name] = v
     return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The keys of a YAML job config, validated against RunConfig (unknown keys refused)."""
+    return {k: _coerce(k, v, str(path)) for k, v in read_job_file(path, FIELDS).items()}
 
 
 def build(file: str | Path | None = None, **flags: Any) -> RunConfig:

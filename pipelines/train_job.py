@@ -76,24 +76,9 @@ class TrainConfig:
 
 def build_train_config(file: str | None = None, **flags) -> TrainConfig:
     """A YAML file's keys, then the flags given; names and types checked, one-line errors."""
-    import yaml
+    from pipelines.config import read_job_file
 
-    names = {f.name: f for f in fields(TrainConfig)}
-    values: dict[str, Any] = {}
-    if file:
-        try:
-            raw = yaml.safe_load(Path(file).read_text()) or {}
-        except FileNotFoundError:
-            raise BadInputError("no such config file", file=file) from None
-        except yaml.YAMLError as e:
-            raise BadInputError(f"not valid YAML ({' '.join(str(e).split())[:120]})", file=file) from None
-        if not isinstance(raw, dict):
-            raise BadInputError("a job config is a mapping of option names to values", file=file)
-        for k, v in raw.items():
-            k = str(k).replace("-", "_")
-            if k not in names:
-                raise BadInputError(f"unknown option (known: {', '.join(names)})", file=file, field=k)
-            values[k] = v
+    values: dict[str, Any] = read_job_file(file, [f.name for f in fields(TrainConfig)]) if file else {}
     values.update({k: v for k, v in flags.items() if v is not None})
     cfg = TrainConfig()
     for k, v in values.items():
