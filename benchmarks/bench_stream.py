@@ -149,9 +149,19 @@ def plot(streams: dict[str, dict], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    fig, grid = plt.subplots(2, 3, figsize=(15, 8))
+    axes = list(grid.flat)
     for i, (method, s) in enumerate(streams.items()):
         colour = f"C{i}"
+        # cost: the peak RSS of the largest worker (solid) and of the driver (dashed), and s/edit
+        for key, style, what in (("rss/workers_peak_mb", "-", "workers"), ("rss/driver_peak_mb", "--", "driver")):
+            pts = [(r["edits"], r[key] / 1024) for r in s["rows"] if isinstance(r.get(key), (int, float))]
+            if pts:
+                axes[4].plot(*zip(*pts), style, color=colour, marker="o", markersize=3, label=f"{method} ({what})")
+        prows = s.get("point_rows") or point_rows(method, s)
+        pts = [(r["edits"], r["s_per_edit"]) for r in prows if isinstance(r.get("s_per_edit"), (int, float))]
+        if pts:
+            axes[5].plot(*zip(*pts), "-", color=colour, marker="o", markersize=3, label=method)
         for ax, (name, solid, dashed) in zip(axes, PANELS):
             for key, style, what in ((solid, "-", solid.split("/")[0]), (dashed, "--", dashed and dashed.split("/")[0])):
                 if key is None:
@@ -170,6 +180,10 @@ def plot(streams: dict[str, dict], path: Path, title: str) -> Path:
         if name != "held-out perplexity":
             ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=7)
+    for ax, name in ((axes[4], "peak RSS (GB): largest worker, driver"), (axes[5], "s/edit (batches since the last point)")):
+        ax.set_title(name), ax.set_xlabel("edits applied"), ax.set_ylim(bottom=0)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     return save_figure(fig, path, title)
 
 
