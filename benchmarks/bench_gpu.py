@@ -183,6 +183,8 @@ def edit_bench(lm, method_name: str, n: int, moments, steps: int, chunk: int, la
 
 # ------------------------------------------------------------------------------ main
 def run(args) -> dict:
+    """Every stage in turn; the report is rewritten after each, so a run stopped by a time
+    limit keeps what it measured."""
     from kedit_core.methods import get_method, make_config
     from kedit_core.methods.common import mlp_out_stats
     from kedit_core.models import load
@@ -194,17 +196,27 @@ def run(args) -> dict:
     lm, t_load = timed(lambda: load(args.model, dtype=args.dtype, device=str(dev)), dev)
     n_params = sum(p.numel() for p in lm.model.parameters())
     log.info("%s, built in %.1fs", lm.source, t_load)
+    res = {"machine": {**machine(), "device": str(dev),
+                       "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"},
+           "model": args.model, "source": lm.source, "params_b": n_params / 1e9,
+           "dtype": str(lm.dtype).replace("torch.", ""), "load_s": t_load, "matmul_peak_tflops": peaks,
+           "rows": [], "args": vars(args), "wall_s": 0.0}
+
+    def add(row: dict) -> None:
+        res["rows"].append(row)
+        res["wall_s"] = time.perf_counter() - t_start
+        report(res, args.out, quiet=True)
+
     cfg = make_config(get_method("memit").config_cls, lm, {})
     sites = [k.site for k in mlp_out_stats(lm, cfg.layers)]
-    rows = []
     srow, moments = stats_bench(lm, sites, args.stats_texts, args.seq_len, args.batch_tokens, peaks)
-    rows.append(srow)
+    add(srow)
     log.info("statistics: %.0f tokens/s; accumulation %.1f TFLOP/s (%s)", srow["tokens_per_s"],
              srow["accum_tflops"], srow["accum_precision"])
     memit_row = None
-    for m in args.methods.split(","):
+    for m in [x for x in args.methods.split(",") if x]:
         r = edit_bench(lm, m, args.batch, moments, args.steps, args.chunk)
-        rows.append(r)
+        add(r)
         log.info("%s: %.3f s/edit (targets %.3f, keys %.3f, solve %.3f)", r["stage"], r["s_per_edit"],
                  r["targets_s_per_edit"], r["keys_s_per_edit"], r["solve_s_per_edit"])
         memit_row = r if m == "memit" else memit_row
@@ -218,14 +230,9 @@ def run(args) -> dict:
                        label=f"memit batch {n_big}" + ("" if n_big == args.big else f" (of {args.big}: budget)"))
         r["predicted_full_s"] = r["s_per_edit"] * args.big
         r["full_size"] = args.big
-        rows.append(r)
+        add(r)
         log.info("%s: %.3f s/edit, peak %.1f GB", r["stage"], r["s_per_edit"], r["peak_mem_gb"])
-    dtype_name = str(lm.dtype).replace("torch.", "")
-    return {"machine": {**machine(), "device": str(dev),
-                        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"},
-            "model": args.model, "source": lm.source, "params_b": n_params / 1e9, "dtype": dtype_name,
-            "load_s": t_load, "matmul_peak_tflops": peaks, "rows": rows, "args": vars(args),
-            "wall_s": time.perf_counter() - t_start}
+    return res
 
 
 COLUMNS = ["stage", "seconds", "s_per_edit", "targets_s_per_edit", "keys_s_per_edit", "solve_s_per_edit",
@@ -233,7 +240,7 @@ COLUMNS = ["stage", "seconds", "s_per_edit", "targets_s_per_edit", "keys_s_per_e
            "accum_share_of_pass", "peak_mem_gb"]
 
 
-def report(res: dict, out: Path) -> Path:
+def report(res: dict, out: Path, quiet: bool = False) -> Path:
     from kedit_core.io import atomic_write_text
 
     short = res["model"].split("@")[0].replace("random:", "").replace("/", "_")
@@ -259,7 +266,8 @@ def report(res: dict, out: Path) -> Path:
     lines += ["", f"machine: {json.dumps(m)}", ""]
     path = out / f"{name}.md"
     atomic_write_text(path, "\n".join(lines))
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
     return path
 
 
